@@ -1,0 +1,26 @@
+"""Install unigrpo_jax: `pip install -e .` (runtime) or `pip install -e ".[test]"`."""
+import pathlib
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _requirements():
+  lines = (HERE / "requirements.txt").read_text().splitlines()
+  return [l.strip() for l in lines if l.strip() and not l.startswith("#")]
+
+
+setup(
+    name="unigrpo_jax",
+    version="0.1.0",
+    description="UniGRPO in JAX/Flax NNX: joint GRPO on the text and flow-matching image policies of one unified model.",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["unigrpo_jax", "unigrpo_jax.*"]),
+    package_data={"unigrpo_jax": ["assets/**/*", "assets/*"]},
+    include_package_data=True,
+    install_requires=_requirements(),
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
+)

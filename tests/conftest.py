@@ -1,0 +1,15 @@
+"""Test setup: 8 fake CPU devices so sharding tests run anywhere.
+
+XLA_FLAGS must be set before jax is imported anywhere, hence here.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long tests, deselected by default (-m slow to run)")

@@ -1,0 +1,130 @@
+"""Image side of the unified model: latent tokens in, velocity out; and the autoencoder interface.
+
+A latent token is ``vae2llm(x_t) + time_embed(t) + pos_embed[n]`` on the way in, and the
+generation expert's last hidden state goes through ``llm2vae`` (zero-initialised, so a fresh
+model predicts zero velocity) on the way out.
+"""
+from __future__ import annotations
+
+import abc
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unigrpo_jax.models.config import ModelConfig
+from unigrpo_jax.models.layers import annotated_param, fan_in_init, zeros_init
+
+
+def timestep_sinusoid(t: jax.Array, dim: int, scale: float, max_period: float = 10000.0):
+  """[...] times in [0, 1] -> [..., dim] float32 sinusoidal features (cos | sin)."""
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = (t.astype(jnp.float32) * scale)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def sincos_2d(grid: int, dim: int) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding of a grid x grid raster: [grid*grid, dim] float32.
+
+  Half of the channels encode the row, half the column (each as sin | cos of dim/4 frequencies).
+  """
+  quarter = dim // 4
+  omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+  rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+
+  def embed(pos):
+    angles = pos.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+  return np.concatenate([embed(rows), embed(cols)], axis=1).astype(np.float32)
+
+
+class LatentIO(nnx.Module):
+  """``vae2llm`` + timestep MLP + position table in, zero-initialised ``llm2vae`` out."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd, d = cfg.weight_dtype, cfg.hidden
+    self.cfg = cfg
+    self.vae2llm_kernel = annotated_param(rngs, fan_in_init(), (cfg.latent_dim, d),
+                                          ("latent", "embed"), pd)
+    self.vae2llm_bias = annotated_param(rngs, zeros_init, (d,), ("embed",), pd)
+    self.time_in = annotated_param(rngs, fan_in_init(), (cfg.timestep_freq_dim, d),
+                                   (None, "embed"), pd)
+    self.time_in_bias = annotated_param(rngs, zeros_init, (d,), ("embed",), pd)
+    self.time_out = annotated_param(rngs, fan_in_init(), (d, d), ("mlp", "embed"), pd)
+    self.time_out_bias = annotated_param(rngs, zeros_init, (d,), ("embed",), pd)
+    self.llm2vae_kernel = annotated_param(rngs, zeros_init, (d, cfg.latent_dim),
+                                          ("embed", "latent"), pd)
+    self.llm2vae_bias = annotated_param(rngs, zeros_init, (cfg.latent_dim,), ("latent",), pd)
+    # Not a parameter: a fixed table, stored as a plain constant.
+    self.pos_table = nnx.Variable(jnp.asarray(sincos_2d(cfg.latent_grid, d)))
+
+  def embed(self, x: jax.Array, t: jax.Array) -> jax.Array:
+    """x: [B, K, N, latent_dim] noisy latents, t: [B, K] times -> [B, K, N, hidden]."""
+    dt = self.cfg.compute_dtype
+    tok = x.astype(dt) @ self.vae2llm_kernel[...].astype(dt) + self.vae2llm_bias[...].astype(dt)
+    feats = timestep_sinusoid(t, self.cfg.timestep_freq_dim, self.cfg.timestep_scale)
+    temb = jax.nn.silu(feats.astype(dt) @ self.time_in[...].astype(dt)
+                       + self.time_in_bias[...].astype(dt))
+    temb = temb @ self.time_out[...].astype(dt) + self.time_out_bias[...].astype(dt)
+    return tok + temb[:, :, None, :] + self.pos_table[...].astype(dt)
+
+  def velocity(self, h: jax.Array) -> jax.Array:
+    """h: [B, K, N, hidden] normed hidden states -> [B, K, N, latent_dim] float32 velocity."""
+    v = h @ self.llm2vae_kernel[...].astype(h.dtype) + self.llm2vae_bias[...].astype(h.dtype)
+    return v.astype(jnp.float32)
+
+
+class Autoencoder(abc.ABC):
+  """Maps images to sequences of latent tokens and back. Implementations: pixel patches here;
+  a FLUX-VAE wrapper plugs in by implementing the same three members."""
+
+  num_tokens: int
+  latent_dim: int
+
+  @abc.abstractmethod
+  def encode(self, images: jax.Array) -> jax.Array:
+    """images [B, H, W, C] in [-1, 1] -> tokens [B, N, latent_dim]."""
+
+  @abc.abstractmethod
+  def decode(self, tokens: jax.Array) -> jax.Array:
+    """tokens [B, N, latent_dim] -> images [B, H, W, C] in about [-1, 1]."""
+
+
+class PatchAutoencoder(Autoencoder):
+  """The identity autoencoder on non-overlapping pixel patches (for toy worlds)."""
+
+  def __init__(self, image_size: int, patch_size: int, channels: int = 3):
+    if image_size % patch_size:
+      raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+    self.image_size, self.patch_size, self.channels = image_size, patch_size, channels
+    self.grid = image_size // patch_size
+    self.num_tokens = self.grid ** 2
+    self.latent_dim = channels * patch_size ** 2
+
+  @classmethod
+  def for_model(cls, cfg: ModelConfig) -> "PatchAutoencoder":
+    if cfg.vae_downsample != 1:
+      raise ValueError("PatchAutoencoder needs ModelConfig.vae_downsample == 1 (pixel latents)")
+    return cls(cfg.image_size, cfg.patch_size, cfg.image_channels)
+
+  def encode(self, images):
+    return einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)",
+                            p=self.patch_size, q=self.patch_size)
+
+  def decode(self, tokens):
+    return einops.rearrange(tokens, "b (h w) (p q c) -> b (h p) (w q) c", h=self.grid,
+                            p=self.patch_size, q=self.patch_size)
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+  """[..., C] images in [-1, 1] -> uint8 in [0, 255] (clipped)."""
+  return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def from_uint8(images) -> jax.Array:
+  """uint8 [..., C] -> float32 in [-1, 1]."""
+  return jnp.asarray(images, jnp.float32) / 127.5 - 1.0

@@ -1,0 +1,269 @@
+"""The unified BAGEL-style model: one Qwen2-style transformer over text and image-latent tokens.
+
+Mixture-of-Transformers: every layer holds an *understanding* expert (text tokens) and a
+*generation* expert (image tokens), each a full set of norms, q/k/v/o and MLP; the two meet in one
+shared attention. Routing is by modality. Because every sequence we build is laid out
+``[cached prefix | text segment | image blocks]``, routing is a static split of the sequence: no
+token pays for the expert it does not use.
+
+One call covers every use:
+
+========================  ======================================================================
+prefill                   ``model(tokens, positions, text_valid)`` -> logits, text k/v to cache
+decode one token          ``model(tokens[:, None], ..., cache=cache)`` (the cache is read only;
+                          the caller writes the returned k/v into it: see ``KVCache.write``)
+denoise against context   ``model(latents=x, times=t, image_position=p, cache=cache)``
+packed training pass      ``model(tokens, ..., latents=[B, K, N, D], times=[B, K], ...)``: text
+                          logits and K isolated image blocks' velocities in one forward pass
+========================  ======================================================================
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unigrpo_jax.models import attention
+from unigrpo_jax.models.config import ModelConfig
+from unigrpo_jax.models.image import LatentIO
+from unigrpo_jax.models.layers import (RMSNorm, SwiGLU, annotated_param, fan_in_init, rope,
+                                       zeros_init)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys/values of a text context, one slot per position.
+
+  k, v: [num_layers, B, S, Hkv, D]; valid: [B, S] bool (slots holding real tokens).
+  """
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+    return cls(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
+               jnp.zeros((batch, length), bool))
+
+  @property
+  def length(self) -> int:
+    return self.k.shape[2]
+
+  def write(self, k: jax.Array, v: jax.Array, slot, valid: jax.Array) -> "KVCache":
+    """Writes [L, B, T, Hkv, D] keys/values and [B, T] validity at slots ``slot .. slot+T``."""
+    start = (0, 0, slot, 0, 0)
+    return KVCache(jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), start),
+                   jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), start),
+                   jax.lax.dynamic_update_slice(self.valid, valid, (0, slot)))
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  """logits: [B, L, V] float32 or None; velocity: like the latents given, float32, or None;
+  text_k / text_v: [num_layers, B, L, Hkv, D] of the text segment (to write into a cache)."""
+  logits: Optional[jax.Array]
+  velocity: Optional[jax.Array]
+  text_k: Optional[jax.Array]
+  text_v: Optional[jax.Array]
+
+
+class Expert(nnx.Module):
+  """One expert's half of a layer: norms, q/k/v/o with Qwen2 biases, optional QK-norm, MLP."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, h, hkv, hd = cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    pd = cfg.weight_dtype
+    self.cfg = cfg
+    self.input_norm = RMSNorm(d, cfg.rms_eps, pd, rngs)
+    self.post_attn_norm = RMSNorm(d, cfg.rms_eps, pd, rngs)
+    self.q = annotated_param(rngs, fan_in_init(), (d, h, hd), ("embed", "heads", "head_dim"), pd)
+    self.k = annotated_param(rngs, fan_in_init(), (d, hkv, hd), ("embed", "kv_heads",
+                                                                  "head_dim"), pd)
+    self.v = annotated_param(rngs, fan_in_init(), (d, hkv, hd), ("embed", "kv_heads",
+                                                                  "head_dim"), pd)
+    self.o = annotated_param(rngs, fan_in_init(2), (h, hd, d), ("heads", "head_dim", "embed"), pd)
+    if cfg.qkv_bias:
+      self.q_bias = annotated_param(rngs, zeros_init, (h, hd), ("heads", "head_dim"), pd)
+      self.k_bias = annotated_param(rngs, zeros_init, (hkv, hd), ("kv_heads", "head_dim"), pd)
+      self.v_bias = annotated_param(rngs, zeros_init, (hkv, hd), ("kv_heads", "head_dim"), pd)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(hd, cfg.rms_eps, pd, rngs)
+      self.k_norm = RMSNorm(hd, cfg.rms_eps, pd, rngs)
+    self.mlp = SwiGLU(d, cfg.mlp_dim, cfg.compute_dtype, pd, rngs)
+
+  def qkv(self, x: jax.Array, positions: jax.Array):
+    """x: [B, L, D], positions: [B, L] -> q [B, L, H, hd], k and v [B, L, Hkv, hd]."""
+    dt = self.cfg.compute_dtype
+    h = self.input_norm(x).astype(dt)
+    q = jnp.einsum("bld,dhk->blhk", h, self.q[...].astype(dt))
+    k = jnp.einsum("bld,dhk->blhk", h, self.k[...].astype(dt))
+    v = jnp.einsum("bld,dhk->blhk", h, self.v[...].astype(dt))
+    if self.cfg.qkv_bias:
+      q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
+                 v + self.v_bias[...].astype(dt))
+    if self.cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    theta = self.cfg.rope_theta
+    return rope(q, positions, theta), rope(k, positions, theta), v
+
+  def finish(self, x: jax.Array, attn_out: jax.Array) -> jax.Array:
+    """Residual output projection and MLP: x [B, L, D], attn_out [B, L, H, hd] -> [B, L, D]."""
+    dt = self.cfg.compute_dtype
+    x = x + jnp.einsum("blhk,hkd->bld", attn_out.astype(dt), self.o[...].astype(dt)).astype(
+        x.dtype)
+    return x + self.mlp(self.post_attn_norm(x)).astype(x.dtype)
+
+
+class MoTLayer(nnx.Module):
+  """A decoder layer with an understanding and (if ``cfg.mot``) a generation expert."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.und = Expert(cfg, rngs)
+    self.gen = Expert(cfg, rngs) if cfg.mot else None
+
+  @property
+  def gen_expert(self) -> Expert:
+    return self.gen if self.gen is not None else self.und
+
+  def __call__(self, text_x, text_pos, text_mask, text_valid, image_x, image_pos, prefix_k,
+               prefix_v, prefix_valid, stop_context_grad: bool):
+    """One layer over the text segment [B, Lt, D] and/or K image blocks [B, K, N, D].
+
+    Returns (text_x, image_x, text_k, text_v); absent segments stay None.
+    """
+    ctx_k, ctx_v, ctx_valid = [], [], []
+    if prefix_k is not None:
+      ctx_k.append(prefix_k), ctx_v.append(prefix_v), ctx_valid.append(prefix_valid)
+    tk = tv = None
+    if text_x is not None:
+      tq, tk, tv = self.und.qkv(text_x, text_pos)
+      keys = jnp.concatenate(ctx_k + [tk], axis=1)
+      values = jnp.concatenate(ctx_v + [tv], axis=1)
+      text_x = self.und.finish(text_x, attention.text_attention(tq, keys, values, text_mask))
+      ctx_k.append(tk), ctx_v.append(tv), ctx_valid.append(text_valid)
+    if image_x is not None:
+      b, nb, n, d = image_x.shape
+      flat = image_x.reshape(b, nb * n, d)
+      pos = jnp.broadcast_to(image_pos[:, None], (b, nb * n))
+      iq, ik, iv = self.gen_expert.qkv(flat, pos)
+      split = lambda a: a.reshape(b, nb, n, *a.shape[2:])
+      keys = jnp.concatenate(ctx_k, axis=1)
+      values = jnp.concatenate(ctx_v, axis=1)
+      if stop_context_grad:  # flow loss must not move the text policy through the context
+        keys, values = jax.lax.stop_gradient(keys), jax.lax.stop_gradient(values)
+      out = attention.block_attention(split(iq), keys, values, jnp.concatenate(ctx_valid, 1),
+                                      split(ik), split(iv))
+      image_x = self.gen_expert.finish(flat, out.reshape(b, nb * n, *out.shape[3:]))
+      image_x = image_x.reshape(b, nb, n, d)
+    return text_x, image_x, tk, tv
+
+
+class UnifiedModel(nnx.Module):
+  """The whole model: embeddings, MoT layers, duplicated final norm, LM head, latent I/O."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = cfg.weight_dtype
+    self.embed = annotated_param(rngs, fan_in_init(0), (cfg.vocab_size, cfg.hidden),
+                                 ("vocab", "embed"), pd)
+    self.layers = nnx.List([MoTLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.und_norm = RMSNorm(cfg.hidden, cfg.rms_eps, pd, rngs)
+    self.gen_norm = RMSNorm(cfg.hidden, cfg.rms_eps, pd, rngs) if cfg.mot else None
+    self.lm_head = None if cfg.tie_embeddings else annotated_param(
+        rngs, fan_in_init(), (cfg.hidden, cfg.vocab_size), ("embed", "vocab"), pd)
+    self.latent_io = LatentIO(cfg, rngs)
+
+  def __call__(self, tokens: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None,
+               text_valid: Optional[jax.Array] = None,
+               latents: Optional[jax.Array] = None,
+               times: Optional[jax.Array] = None,
+               image_position: Optional[jax.Array] = None,
+               cache: Optional[KVCache] = None,
+               stop_context_grad: bool = False,
+               compute_logits: bool = True) -> ModelOutput:
+    """Forward pass over ``[cache | text | image blocks]``.
+
+    Args:
+      tokens: [B, Lt] int token ids of the text segment, or None.
+      positions: [B, Lt] RoPE position ids of the text tokens.
+      text_valid: [B, Lt] bool, real text tokens (default: all).
+      latents: [B, N, Dl] one image block, or [B, K, N, Dl] K isolated blocks, or None.
+      times: [B] or [B, K] flow times of the blocks (matching ``latents``).
+      image_position: [B] the one RoPE position id shared by every image token of a row.
+      cache: read-only context in front of the text segment.
+      stop_context_grad: image blocks read the context keys/values through stop_gradient.
+      compute_logits: skip the LM head when only the text k/v are needed.
+    Returns:
+      ModelOutput (logits [B, Lt, V] f32, velocity like ``latents`` f32, text k/v per layer).
+    """
+    cfg = self.cfg
+    if tokens is None and latents is None:
+      raise ValueError("UnifiedModel needs tokens, latents, or both")
+    text_x = text_mask = None
+    if tokens is not None:
+      if positions is None:
+        raise ValueError("positions are required with tokens")
+      if text_valid is None:
+        text_valid = jnp.ones(tokens.shape, bool)
+      text_x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+      text_mask = attention.causal_text_mask(text_valid, None if cache is None else cache.valid)
+    image_x = None
+    single_block = latents is not None and latents.ndim == 3
+    if latents is not None:
+      if times is None or image_position is None:
+        raise ValueError("times and image_position are required with latents")
+      if single_block:
+        latents, times = latents[:, None], times[:, None]
+      image_x = self.latent_io.embed(latents, times)
+
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      prefix = (None, None, None) if cache is None else (cache.k[i], cache.v[i], cache.valid)
+      call = nnx.remat(_call_layer, static_argnums=(10,)) if cfg.remat else _call_layer
+      text_x, image_x, tk, tv = call(layer, text_x, positions, text_mask, text_valid, image_x,
+                                     image_position, *prefix, stop_context_grad)
+      new_k.append(tk), new_v.append(tv)
+
+    logits = velocity = text_k = text_v = None
+    if text_x is not None:
+      text_k, text_v = jnp.stack(new_k), jnp.stack(new_v)
+      if compute_logits:
+        logits = self.text_logits(text_x)
+    if image_x is not None:
+      gen_norm = self.gen_norm if self.gen_norm is not None else self.und_norm
+      velocity = self.latent_io.velocity(gen_norm(image_x))
+      if single_block:
+        velocity = velocity[:, 0]
+    return ModelOutput(logits, velocity, text_k, text_v)
+
+  def text_logits(self, h: jax.Array) -> jax.Array:
+    """[B, L, D] last hidden states -> [B, L, V] float32 logits."""
+    h = self.und_norm(h).astype(self.cfg.compute_dtype)
+    if self.lm_head is None:
+      w = self.embed[...].astype(h.dtype).T
+    else:
+      w = self.lm_head[...].astype(h.dtype)
+    return jnp.einsum("bld,dv->blv", h, w, preferred_element_type=jnp.float32)
+
+
+def _call_layer(layer, text_x, text_pos, text_mask, text_valid, image_x, image_pos, prefix_k,
+                prefix_v, prefix_valid, stop_context_grad):
+  return layer(text_x, text_pos, text_mask, text_valid, image_x, image_pos, prefix_k, prefix_v,
+               prefix_valid, stop_context_grad)
+
+
+def count_params(model_or_state, exclude: tuple[str, ...] = ()) -> int:
+  """Number of parameter values; ``exclude`` drops top-level attributes (e.g. 'latent_io')."""
+  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(
+      model_or_state, nnx.Param)
+  total = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    top = str(getattr(path[0], "key", path[0]))
+    if top not in exclude:
+      total += int(leaf.size)
+  return total

@@ -1,0 +1,87 @@
+"""Reward registry.
+
+A reward fn has signature fn(images, specs, reasoning_texts=None) -> dict of float [B]
+NumPy arrays that includes "reward". Exceptions propagate (the trainer reports them).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from unigrpo_jax.data import shapeworld as sw
+from unigrpo_jax.rewards import shapeworld as sw_reward
+
+RewardFn = Callable[..., dict]
+_REGISTRY: dict[str, RewardFn] = {}
+
+
+def register(name: str) -> Callable[[RewardFn], RewardFn]:
+  """Decorator: register fn under `name` (re-registering a name raises)."""
+  def deco(fn: RewardFn) -> RewardFn:
+    if name in _REGISTRY and _REGISTRY[name] is not fn:
+      raise ValueError(f"reward {name!r} is already registered")
+    _REGISTRY[name] = fn
+    return fn
+  return deco
+
+
+def get(name: str) -> RewardFn:
+  if name not in _REGISTRY:
+    raise KeyError(f"unknown reward {name!r}; available: {available()}")
+  return _REGISTRY[name]
+
+
+def available() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def combined_reward(weights: dict[str, float]) -> RewardFn:
+  """fn(images, specs, reasoning_texts=None) -> {"reward": sum_n w_n * reward_n, plus each
+  component's outputs as "<name>/<key>"}. Unknown names raise KeyError now, not later."""
+  if not weights:
+    raise ValueError("combined_reward needs at least one component")
+  fns = {name: get(name) for name in weights}
+  weights = {k: float(v) for k, v in weights.items()}
+
+  def fn(images, specs, reasoning_texts: Optional[Sequence[str]] = None) -> dict:
+    out, total = {}, np.zeros(len(specs), np.float32)
+    for name, f in fns.items():
+      part = f(images, specs, reasoning_texts=reasoning_texts)
+      if "reward" not in part:
+        raise KeyError(f"reward fn {name!r} returned no 'reward' key (keys: {sorted(part)})")
+      total = total + weights[name] * np.asarray(part["reward"], np.float32)
+      out.update({f"{name}/{k}": np.asarray(v) for k, v in part.items()})
+    out["reward"] = total.astype(np.float32)
+    return out
+
+  return fn
+
+
+@register("shapeworld")
+def shapeworld_reward(images, specs, reasoning_texts=None) -> dict:
+  """GenEval-style partial score (rewards.shapeworld.score); reward = score."""
+  del reasoning_texts
+  out = sw_reward.score(images, specs)
+  return {"reward": out["score"], **out}
+
+
+@register("shapeworld_strict")
+def shapeworld_strict_reward(images, specs, reasoning_texts=None) -> dict:
+  """1 iff every clause is satisfied; reward = strict."""
+  del reasoning_texts
+  out = sw_reward.score(images, specs)
+  return {"reward": out["strict"], **out}
+
+
+@register("reasoning_match")
+def reasoning_match_reward(images, specs, reasoning_texts=None) -> dict:
+  """1 iff the trace's final clause parses to the target spec (text-only reward)."""
+  del images
+  if reasoning_texts is None:
+    raise ValueError("reasoning_match needs reasoning_texts")
+  if len(reasoning_texts) != len(specs):
+    raise ValueError(f"{len(reasoning_texts)} reasoning texts but {len(specs)} specs")
+  parsed = [sw.parse_reasoning(t) for t in reasoning_texts]
+  match = np.array([p == s for p, s in zip(parsed, specs)], np.float32)
+  return {"reward": match, "parsed": np.array([p is not None for p in parsed], np.float32)}

@@ -1,0 +1,210 @@
+"""The UniGRPO rollout: prompt -> reasoning (AR) -> image (flow SDE window), one jitted function.
+
+Per call: prefill each prompt once and repeat its cache G times (group members share the prompt
+context but not their randomness), decode the reasoning, append ``<vision_start>``, then denoise
+one image block per row against that fixed context (computed once; the denoiser never writes the
+cache). No CFG in training (PAPER.md section 2). The cache slot layout is
+``trajectory.context_layout``'s, so the train step's packed forward recomputes the same log-probs.
+
+``make_eval_sampler`` is the evaluation variant: ODE only, more steps, optional CFG.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unigrpo_jax.models.image import Autoencoder
+from unigrpo_jax.models.unified import KVCache, UnifiedModel
+from unigrpo_jax.sampling import flow
+from unigrpo_jax.sampling import text
+from unigrpo_jax.sampling.trajectory import Trajectory, WindowRecord
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+  """Static knobs of a rollout (defaults: PAPER.md section 7).
+
+  group_size: G rows per prompt. max_reasoning_len: T reasoning slots. temperature / top_k /
+  top_p: text sampling (top_k 0 and top_p 1 disable). num_steps / shift: flow time grid.
+  noise_level: SDE ``a``. window_range / window_size: the stochastic window lies in steps
+  [lo, hi); its start is drawn per row (or per group with window_per_group). sde_type: "sde"|"cps".
+  """
+  group_size: int
+  max_reasoning_len: int
+  stop_id: int
+  pad_id: int
+  vision_start_id: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  num_steps: int = 25
+  shift: float = 3.0
+  noise_level: float = 0.8
+  window_range: tuple = (0, 5)
+  window_size: int = 3
+  window_per_group: bool = False  # [ours] share one window start across a group's rows
+  sde_type: str = "sde"
+
+  def __post_init__(self):
+    def bad(name, why):
+      raise ValueError(f"RolloutConfig.{name}={getattr(self, name)!r}: {why}")
+    for name in ("group_size", "max_reasoning_len", "num_steps", "window_size"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        bad(name, "must be an int >= 1")
+    for name in ("stop_id", "pad_id", "vision_start_id"):
+      if getattr(self, name) < 0:
+        bad(name, "must be >= 0")
+    if not self.temperature > 0:
+      bad("temperature", "must be > 0")
+    if self.top_k < 0:
+      bad("top_k", "must be >= 0")
+    if not 0 < self.top_p <= 1:
+      bad("top_p", "must be in (0, 1]")
+    if not self.shift > 0:
+      bad("shift", "must be > 0")
+    if not self.noise_level > 0:
+      bad("noise_level", "must be > 0 (the window steps need a Gaussian with std > 0)")
+    if self.sde_type not in ("sde", "cps"):
+      bad("sde_type", "must be 'sde' or 'cps'")
+    if len(self.window_range) != 2:
+      bad("window_range", "must be (lo, hi)")
+    lo, hi = self.window_range
+    if not (isinstance(lo, int) and isinstance(hi, int)) or lo < 0 or hi > self.num_steps:
+      bad("window_range", f"must be ints with 0 <= lo and hi <= num_steps={self.num_steps}")
+    if hi - lo < self.window_size:
+      bad("window_size", f"does not fit in window_range={self.window_range}")
+    if self.sde_type == "cps" and hi == self.num_steps:
+      # CPS has std 0 at t_next = 0: a window over the last step would have an undefined logp.
+      bad("window_range", "with sde_type='cps' the window must not include the last step")
+
+  @property
+  def sampling(self) -> text.SamplingConfig:
+    return text.SamplingConfig(max_len=self.max_reasoning_len, stop_id=self.stop_id,
+                               pad_id=self.pad_id, temperature=self.temperature,
+                               top_k=self.top_k, top_p=self.top_p)
+
+
+def _repeat_rows(tree, g: int):
+  """Repeats every row g times (rows of a group contiguous); KVCache k/v have batch on axis 1."""
+  if isinstance(tree, KVCache):
+    return KVCache(jnp.repeat(tree.k, g, axis=1), jnp.repeat(tree.v, g, axis=1),
+                   jnp.repeat(tree.valid, g, axis=0))
+  return jnp.repeat(tree, g, axis=0)
+
+
+def reasoning_context(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                      key: jax.Array, sampling: text.SamplingConfig, vision_start_id: int,
+                      group_size: int = 1):
+  """Prefill once per prompt, repeat G times, decode reasoning, append ``<vision_start>``.
+
+  Args: prompt_tokens / prompt_mask [Bp, P]. Returns (TextSample of B = Bp * G rows whose cache
+  holds the whole [B, P + T + 1] context, image_position [B] int32).
+  """
+  p, t = prompt_tokens.shape[1], sampling.max_len
+  cache, last_logits = text.prefill(model, prompt_tokens, prompt_mask, p + t + 1)
+  cache, last_logits, prompt_mask = (_repeat_rows(a, group_size)
+                                     for a in (cache, last_logits, prompt_mask))
+  sample = text.decode(model, cache, last_logits, prompt_mask, key, sampling)
+  vs_pos = (jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
+            + jnp.sum(sample.mask, axis=1, dtype=jnp.int32))
+  cache = text.append_token(model, sample.cache, vision_start_id, p + t, vs_pos)
+  return sample.replace(cache=cache), vs_pos + 1
+
+
+def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoencoder):
+  """Builds the jitted rollout.
+
+  Returns ``fn(state, prompt_tokens [Bp, P], prompt_mask [Bp, P], key) -> Trajectory`` with
+  B = Bp * group_size rows (each prompt's G rows contiguous). ``state`` is the model's nnx.State.
+  """
+  grid = flow.timesteps(cfg.num_steps, cfg.shift)
+
+  def rollout(state, prompt_tokens, prompt_mask, key):
+    model = nnx.merge(graphdef, state)
+    mcfg = model.cfg
+    k_text, k_window, k_noise, k_flow = jax.random.split(key, 4)
+    sample, image_pos = reasoning_context(model, prompt_tokens, prompt_mask, k_text,
+                                          cfg.sampling, cfg.vision_start_id, cfg.group_size)
+    b = image_pos.shape[0]
+    ctx = sample.cache
+
+    def velocity_fn(x, t):
+      return model(latents=x, times=t, image_position=image_pos, cache=ctx).velocity
+
+    starts = flow.random_window_start(
+        k_window, b, tuple(cfg.window_range), cfg.window_size,
+        group_size=cfg.group_size if cfg.window_per_group else None)
+    noise = jax.random.normal(k_noise, (b, mcfg.num_image_tokens, mcfg.latent_dim), jnp.float32)
+    fs = flow.sample_flow(velocity_fn, noise, grid, k_flow, noise_level=cfg.noise_level,
+                          sde_window=(starts, cfg.window_size), sde_type=cfg.sde_type)
+    window = WindowRecord(x_t=fs.x_t, x_next=fs.x_next, mean=fs.mean, std=fs.std, t=fs.t,
+                          t_next=fs.t_next, logp=fs.logp, step_index=fs.step_index)
+    images = jnp.clip(autoencoder.decode(fs.x0), -1.0, 1.0)
+    return Trajectory(
+        prompt_tokens=_repeat_rows(prompt_tokens.astype(jnp.int32), cfg.group_size),
+        prompt_mask=_repeat_rows(prompt_mask, cfg.group_size),
+        reasoning_tokens=sample.tokens, reasoning_mask=sample.mask, reasoning_logp=sample.logp,
+        truncated=sample.truncated, window=window, latents=fs.x0, images=images)
+
+  return jax.jit(rollout)
+
+
+@flax.struct.dataclass
+class EvalSample:
+  """reasoning_tokens / reasoning_mask [B, T]; latents [B, N, Dl]; images [B, H, W, C] in
+  [-1, 1]."""
+  reasoning_tokens: jax.Array
+  reasoning_mask: jax.Array
+  latents: jax.Array
+  images: jax.Array
+
+
+def make_eval_sampler(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoencoder, *,
+                      num_steps: int = 50, shift: float | None = None, cfg_scale: float = 1.0,
+                      greedy_text: bool = False, samples_per_prompt: int = 1):
+  """Evaluation sampler (never used in training): deterministic Euler ODE, optional CFG.
+
+  CFG: ``v = v_u + cfg_scale * (v_c - v_u)``; the unconditional context is the ``<vision_start>``
+  token alone (position 0, image at position 1), i.e. neither prompt nor reasoning, like a
+  text-dropped condition. ``cfg_scale == 1`` skips the unconditional pass. Text knobs come from
+  ``cfg`` (``greedy_text`` switches to argmax).
+
+  Returns ``fn(state, prompt_tokens [Bp, P], prompt_mask [Bp, P], key) -> EvalSample`` of
+  Bp * samples_per_prompt rows.
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  grid = flow.timesteps(num_steps, cfg.shift if shift is None else shift)
+  sampling = dataclasses.replace(cfg.sampling, greedy=greedy_text)
+  use_cfg = cfg_scale != 1.0
+
+  def sample(state, prompt_tokens, prompt_mask, key):
+    model = nnx.merge(graphdef, state)
+    mcfg = model.cfg
+    k_text, k_noise, k_flow = jax.random.split(key, 3)
+    txt, image_pos = reasoning_context(model, prompt_tokens, prompt_mask, k_text, sampling,
+                                       cfg.vision_start_id, samples_per_prompt)
+    b = image_pos.shape[0]
+    ctx = txt.cache
+    if use_cfg:
+      uncond = text.append_token(model, KVCache.zeros(mcfg, b, 1), cfg.vision_start_id, 0,
+                                 jnp.zeros((b,), jnp.int32))
+      uncond_pos = jnp.ones((b,), jnp.int32)
+
+    def velocity_fn(x, t):
+      v = model(latents=x, times=t, image_position=image_pos, cache=ctx).velocity
+      if not use_cfg:
+        return v
+      v_u = model(latents=x, times=t, image_position=uncond_pos, cache=uncond).velocity
+      return v_u + cfg_scale * (v - v_u)
+
+    noise = jax.random.normal(k_noise, (b, mcfg.num_image_tokens, mcfg.latent_dim), jnp.float32)
+    fs = flow.sample_flow(velocity_fn, noise, grid, k_flow, noise_level=0.0, sde_window=(0, 0))
+    images = jnp.clip(autoencoder.decode(fs.x0), -1.0, 1.0)
+    return EvalSample(txt.tokens, txt.mask, fs.x0, images)
+
+  return jax.jit(sample)

@@ -1,0 +1,236 @@
+"""Autoregressive text sampler over the unified model's KV cache.
+
+Prefill writes the left-padded prompt into cache slots ``[0, P)``; decode writes reasoning token t
+at slot ``P + t`` with position ``p + t`` (p = the row's real prompt length); ``append_token``
+writes ``<vision_start>`` at slot ``P + T`` with position ``p + r``. This is exactly
+``trajectory.context_layout``, so the train step's packed forward sees the same context.
+
+Everything is a pure function of arrays (a merged nnx module is only read, never mutated), so the
+functions can be called inside one jitted rollout; ``make_text_sampler`` is a standalone jitted
+prefill + decode over ``(graphdef, state)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unigrpo_jax.models.unified import KVCache, UnifiedModel
+from unigrpo_jax.sampling.trajectory import prompt_positions, token_logprobs
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+  """Static sampling knobs (hashable: part of the compiled function, not of its inputs).
+
+  max_len: T, reasoning slots. temperature > 0; top_k = 0 disables; top_p = 1 disables.
+  greedy: argmax; the recorded logp is then the temperature-1 full-softmax log-prob.
+  """
+  max_len: int
+  stop_id: int
+  pad_id: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+
+  def __post_init__(self):
+    if self.max_len < 1:
+      raise ValueError(f"SamplingConfig.max_len must be >= 1, got {self.max_len}")
+    if not self.temperature > 0:
+      raise ValueError(f"SamplingConfig.temperature must be > 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k must be >= 0, got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+    for name in ("stop_id", "pad_id"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"SamplingConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Loop state of ``decode``.
+
+  tokens / logp / mask: [B, T] outputs so far (pad / 0 / False beyond the current step);
+  done: [B] row has emitted the stop token; step: [] int32; cache: the context so far;
+  logits: [B, V] float32 next-token logits; prompt_len: [B] int32; key: base PRNG key.
+  """
+  tokens: jax.Array
+  logp: jax.Array
+  mask: jax.Array
+  done: jax.Array
+  step: jax.Array
+  cache: KVCache
+  logits: jax.Array
+  prompt_len: jax.Array
+  key: jax.Array
+
+
+@flax.struct.dataclass
+class TextSample:
+  """tokens [B, T] int32 (pad after the stop token), logp [B, T] float32 (0 where invalid),
+  mask [B, T] bool (valid incl. the stop token), truncated [B] bool (no stop within T),
+  cache: prompt + reasoning written (invalid slots after each row's stop)."""
+  tokens: jax.Array
+  logp: jax.Array
+  mask: jax.Array
+  truncated: jax.Array
+  cache: KVCache
+
+
+def prefill(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+            cache_len: int) -> tuple[KVCache, jax.Array]:
+  """Runs the left-padded prompt and caches it.
+
+  Args:
+    prompt_tokens, prompt_mask: [B, P] int / bool, left-padded (the last slot is always real).
+    cache_len: static total slots S >= P (normally P + T + 1).
+  Returns:
+    (cache with slots [0, P) written, last_logits [B, V] float32 predicting reasoning token 0).
+  """
+  b, p = prompt_tokens.shape
+  if cache_len < p:
+    raise ValueError(f"cache_len={cache_len} is shorter than the prompt ({p} slots)")
+  out = model(prompt_tokens, prompt_positions(prompt_mask), prompt_mask)
+  cache = KVCache.zeros(model.cfg, b, cache_len).write(out.text_k, out.text_v, 0, prompt_mask)
+  return cache, out.logits[:, -1]
+
+
+def filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """[B, V] raw logits -> [B, V] float32 logits of the distribution sampled from.
+
+  Temperature first, then top-k and top-p (nucleus) as -inf masks; the top token always survives.
+  """
+  x = logits.astype(jnp.float32)
+  if cfg.temperature != 1.0:
+    x = x / cfg.temperature
+  if cfg.top_k > 0 and cfg.top_k < x.shape[-1]:
+    kth = jax.lax.top_k(x, cfg.top_k)[0][:, -1:]
+    x = jnp.where(x < kth, -jnp.inf, x)
+  if cfg.top_p < 1.0:
+    sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_x, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # Keep the smallest prefix whose mass reaches top_p: tokens whose preceding mass is < top_p.
+    keep = mass_before < cfg.top_p
+    threshold = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where(x < threshold, -jnp.inf, x)
+  return x
+
+
+def select_token(logits: jax.Array, key: jax.Array,
+                 cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+  """Samples one token per row: logits [B, V] -> (token [B] int32, logp [B] float32).
+
+  logp is the log-prob under the distribution actually sampled from (the one-definition
+  ``token_logprobs``); for greedy it is the temperature-1 full-softmax log-prob.
+  """
+  if cfg.greedy:
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tok, token_logprobs(logits[:, None], tok[:, None])[:, 0]
+  filtered = filter_logits(logits, cfg)
+  tok = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+  if cfg.top_k == 0 and cfg.top_p == 1.0:
+    # Same expression the train step evaluates: log_softmax(logits / temperature).
+    logp = token_logprobs(logits[:, None], tok[:, None], cfg.temperature)[:, 0]
+  else:
+    logp = token_logprobs(filtered[:, None], tok[:, None])[:, 0]
+  return tok, logp
+
+
+def init_decode_state(cache: KVCache, last_logits: jax.Array, prompt_mask: jax.Array,
+                      key: jax.Array, cfg: SamplingConfig) -> DecodeState:
+  """Empty outputs [B, T] after a prefill of ``prompt_mask`` [B, P]."""
+  b, p = prompt_mask.shape
+  if cache.length < p + cfg.max_len:
+    raise ValueError(f"cache has {cache.length} slots, needs >= P + max_len = "
+                     f"{p} + {cfg.max_len}")
+  t = cfg.max_len
+  return DecodeState(
+      tokens=jnp.full((b, t), cfg.pad_id, jnp.int32), logp=jnp.zeros((b, t), jnp.float32),
+      mask=jnp.zeros((b, t), bool), done=jnp.zeros((b,), bool), step=jnp.zeros((), jnp.int32),
+      cache=cache, logits=last_logits.astype(jnp.float32),
+      prompt_len=jnp.sum(prompt_mask, axis=1, dtype=jnp.int32), key=key)
+
+
+def decode_step(model: UnifiedModel, state: DecodeState, prompt_slots: int,
+                cfg: SamplingConfig) -> DecodeState:
+  """Samples token ``step`` for every live row, caches it at slot P + step, gets next logits."""
+  step = state.step
+  tok, logp = select_token(state.logits, jax.random.fold_in(state.key, step), cfg)
+  live = ~state.done  # the stop token itself is valid; rows after their stop emit pad
+  tok = jnp.where(live, tok, cfg.pad_id)
+  logp = jnp.where(live, logp, 0.0)
+  col = lambda buf, val: jax.lax.dynamic_update_slice(buf, val[:, None], (0, step))
+  out = model(tok[:, None], (state.prompt_len + step)[:, None], live[:, None],
+              cache=state.cache)
+  cache = state.cache.write(out.text_k, out.text_v, prompt_slots + step, live[:, None])
+  return state.replace(
+      tokens=col(state.tokens, tok), logp=col(state.logp, logp), mask=col(state.mask, live),
+      done=state.done | (live & (tok == cfg.stop_id)), step=step + 1, cache=cache,
+      logits=out.logits[:, 0])
+
+
+def decode(model: UnifiedModel, cache: KVCache, last_logits: jax.Array, prompt_mask: jax.Array,
+           key: jax.Array, cfg: SamplingConfig) -> TextSample:
+  """Decodes up to T = cfg.max_len tokens in one ``lax.while_loop`` (stops when all rows are done).
+
+  Args:
+    cache: from ``prefill`` with >= P + T slots. last_logits: [B, V]. prompt_mask: [B, P].
+    key: PRNG key; step t uses ``fold_in(key, t)``.
+  Returns:
+    TextSample ([B, T] tokens / logp / mask, [B] truncated, the updated cache).
+  """
+  prompt_slots = prompt_mask.shape[1]
+  graphdef, params = nnx.split(model)
+
+  def body(state):
+    # Merge inside the body so the loop is a pure function of its carried/closed-over arrays.
+    return decode_step(nnx.merge(graphdef, params), state, prompt_slots, cfg)
+
+  def cond(state):
+    return (state.step < cfg.max_len) & ~jnp.all(state.done)
+
+  state = init_decode_state(cache, last_logits, prompt_mask, key, cfg)
+  state = jax.lax.while_loop(cond, body, state)
+  return TextSample(state.tokens, state.logp, state.mask, ~state.done, state.cache)
+
+
+def append_token(model: UnifiedModel, cache: KVCache, token_id: int, slot: int,
+                 position: jax.Array) -> KVCache:
+  """Writes one always-valid token (e.g. ``<vision_start>``) into every row's cache.
+
+  Args:
+    token_id: static id. slot: static cache slot (P + T in the shared layout).
+    position: [B] int32 RoPE position (p + r: right after each row's last valid token).
+  """
+  b = position.shape[0]
+  tokens = jnp.full((b, 1), token_id, jnp.int32)
+  valid = jnp.ones((b, 1), bool)
+  out = model(tokens, position[:, None].astype(jnp.int32), valid, cache=cache,
+              compute_logits=False)
+  return cache.write(out.text_k, out.text_v, slot, valid)
+
+
+def sample_text(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                key: jax.Array, cfg: SamplingConfig,
+                cache_len: Optional[int] = None) -> TextSample:
+  """prefill + decode. cache_len defaults to P + T + 1 (room for ``<vision_start>``)."""
+  p = prompt_tokens.shape[1]
+  cache_len = p + cfg.max_len + 1 if cache_len is None else cache_len
+  cache, last_logits = prefill(model, prompt_tokens, prompt_mask, cache_len)
+  return decode(model, cache, last_logits, prompt_mask, key, cfg)
+
+
+def make_text_sampler(graphdef: nnx.GraphDef, cfg: SamplingConfig):
+  """Jitted ``fn(state, prompt_tokens [B, P], prompt_mask [B, P], key) -> TextSample``."""
+
+  def fn(state, prompt_tokens, prompt_mask, key):
+    return sample_text(nnx.merge(graphdef, state), prompt_tokens, prompt_mask, key, cfg)
+
+  return jax.jit(fn)
