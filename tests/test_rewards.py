@@ -129,10 +129,10 @@ def test_combined_reward_is_weighted_sum():
   assert out["reasoning_match/reward"][:8].min() == 1.0 and out["reward"].shape == (16,)
 
 
-def test_reward_exceptions_propagate():
-  @registry.register("_test_raises")
+def test_reward_exceptions_propagate(monkeypatch):
   def boom(images, specs, reasoning_texts=None):
     raise RuntimeError("boom")
+  monkeypatch.setitem(registry._REGISTRY, "_test_raises", boom)  # undone after the test
   fn = registry.combined_reward({"shapeworld": 1.0, "_test_raises": 1.0})
   with pytest.raises(RuntimeError, match="boom"):
     fn(np.zeros((1, 32, 32, 3), np.uint8), SPECS[:1])

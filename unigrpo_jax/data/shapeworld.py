@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 

@@ -83,7 +83,7 @@ def _position_ok(relation: str, subj: list[dict], obj: list[dict], margin: float
                "above": ("cy", 1), "below": ("cy", -1)}[relation]
   # sign * (object coord - subject coord) must exceed margin for every pair.
   gaps = [sign * (o[key] - s[key]) for s in subj for o in obj]
-  return min(gaps) > -100
+  return min(gaps) > margin
 
 
 def score_one(image: np.ndarray, spec: Spec) -> dict:
