@@ -59,8 +59,6 @@ class LatentIO(nnx.Module):
     self.llm2vae_kernel = annotated_param(rngs, zeros_init, (d, cfg.latent_dim),
                                           ("embed", "latent"), pd)
     self.llm2vae_bias = annotated_param(rngs, zeros_init, (cfg.latent_dim,), ("latent",), pd)
-    # Not a parameter: a fixed table, stored as a plain constant.
-    self.pos_table = nnx.Variable(jnp.asarray(sincos_2d(cfg.latent_grid, d)))
 
   def embed(self, x: jax.Array, t: jax.Array) -> jax.Array:
     """x: [B, K, N, latent_dim] noisy latents, t: [B, K] times -> [B, K, N, hidden]."""
@@ -70,7 +68,9 @@ class LatentIO(nnx.Module):
     temb = jax.nn.silu(feats.astype(dt) @ self.time_in[...].astype(dt)
                        + self.time_in_bias[...].astype(dt))
     temb = temb @ self.time_out[...].astype(dt) + self.time_out_bias[...].astype(dt)
-    return tok + temb[:, :, None, :] + self.pos_table[...].astype(dt)
+    # A fixed table, not state: built in NumPy at trace time and folded in as a constant.
+    pos_table = jnp.asarray(sincos_2d(self.cfg.latent_grid, self.cfg.hidden), dt)
+    return tok + temb[:, :, None, :] + pos_table
 
   def velocity(self, h: jax.Array) -> jax.Array:
     """h: [B, K, N, hidden] normed hidden states -> [B, K, N, latent_dim] float32 velocity."""

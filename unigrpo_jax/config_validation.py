@@ -1,0 +1,52 @@
+"""Checks a config before anything expensive runs; errors name the field."""
+from __future__ import annotations
+
+import ml_collections
+
+MODES = ("train", "sft", "eval", "sample")
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _require(cond: bool, field: str, message: str) -> None:
+  if not cond:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  _require(c.mode in MODES, "mode", f"{c.mode!r} is not one of {MODES}")
+  for field in ("total_steps", "eval_every", "checkpoint_every", "log_every",
+                "keep_checkpoints", "max_nonfinite_in_row"):
+    _require(isinstance(c[field], int) and c[field] > 0, field,
+             f"must be a positive integer, got {c[field]!r}")
+  r = c.rollout
+  for field in ("prompts_per_batch", "group_size", "max_reasoning_len", "num_steps",
+                "window_size"):
+    _require(isinstance(r[field], int) and r[field] > 0, f"rollout.{field}",
+             f"must be a positive integer, got {r[field]!r}")
+  _require(r.group_size >= 2, "rollout.group_size", "GRPO needs at least 2 members per group")
+  lo, hi = r.window_range
+  _require(0 <= lo < hi <= r.num_steps, "rollout.window_range",
+           f"{tuple(r.window_range)} must satisfy 0 <= lo < hi <= num_steps={r.num_steps}")
+  _require(r.window_size <= hi - lo, "rollout.window_size",
+           f"{r.window_size} does not fit in window_range {tuple(r.window_range)}")
+  _require(r.temperature > 0, "rollout.temperature", "must be > 0")
+  _require(r.noise_level >= 0, "rollout.noise_level", "must be >= 0")
+  _require(r.sde_type in ("sde", "cps"), "rollout.sde_type", f"{r.sde_type!r} not in sde, cps")
+  batch = r.prompts_per_batch * r.group_size
+  _require(batch % c.optim.num_minibatches == 0, "optim.num_minibatches",
+           f"{c.optim.num_minibatches} does not divide the rollout batch {batch}")
+  _require(c.objective.regularizer in ("velocity_mse", "latent_kl", "none"),
+           "objective.regularizer", f"{c.objective.regularizer!r} is not one of "
+           "velocity_mse, latent_kl, none")
+  _require(c.objective.train_text or c.objective.train_image, "objective",
+           "train_text and train_image are both False: nothing to train")
+  _require(len(c.rewards) > 0, "rewards", "needs at least one reward name with a weight")
+  from unigrpo_jax.rewards import registry
+  for name in c.rewards:
+    _require(name in registry.available(), f"rewards.{name}",
+             f"unknown reward; available: {sorted(registry.available())}")
+  _require(c.eval.num_steps > 0, "eval.num_steps", "must be positive")
+  _require(c.sft.steps > 0 and c.sft.batch_size > 0, "sft", "steps and batch_size must be > 0")
