@@ -77,7 +77,8 @@ def sde_step(x, v, t, t_next, noise, noise_level):
       x, v, noise: [B, ...] state, velocity and standard-normal noise (cast to float32).
       t, t_next: scalars or [B]; ``t_next < t``.
       noise_level: ``a``, a Python float or a traced scalar. ``a == 0`` gives exactly the Euler
-        step ``x + v (t_next - t)``.
+        step ``x + v (t_next - t)`` (bit for bit as computed in the same program: under jit XLA
+        may fuse ``x + v dt`` into an FMA, identically for both).
     Returns:
       ``(x_next [B, ...], mean [B, ...], std [B, 1, ..., 1])`` with ``std = std_t sqrt(-dt)``
       the transition std (rank of x, batch axis kept, so it broadcasts against x).
@@ -151,6 +152,25 @@ def step_logprob(x_next, mean, std) -> Array:
     return jnp.mean(lp.reshape(lp.shape[0], -1), axis=-1)
 
 
+_STEP_FNS = {"sde": sde_step, "cps": cps_step}
+
+
+def recompute_logprob(x_t, v, t, t_next, x_next, noise_level, sde_type: str = "sde"):
+    """Trainer side: log-prob of a recorded transition under a new velocity ``v``.
+
+    Rebuilds the step's Gaussian with the same formula the sampler used (``sde_step`` or
+    ``cps_step``; the mean does not depend on the noise), so with the rollout's own velocity
+    the ratio is 1 up to float rounding.
+    Args: x_t, v, x_next [B, ...]; t, t_next scalars or [B].
+    Returns: ``(logp [B], mean [B, ...], std [B, 1, ..., 1])``.
+    """
+    if sde_type not in _STEP_FNS:
+        raise ValueError(f"sde_type must be one of {sorted(_STEP_FNS)}, got {sde_type!r}")
+    x_t = jnp.asarray(x_t, jnp.float32)
+    _, mean, std = _STEP_FNS[sde_type](x_t, v, t, t_next, jnp.zeros_like(x_t), noise_level)
+    return step_logprob(x_next, mean, std), mean, std
+
+
 @flax.struct.dataclass
 class FlowSample:
     """Result of ``sample_flow``. W = window size; records are indexed [row, window slot].
@@ -175,9 +195,6 @@ class FlowSample:
     t_next: Array
     logp: Array
     step_index: Array
-
-
-_STEP_FNS = {"sde": sde_step, "cps": cps_step}
 
 
 def sample_flow(
@@ -205,7 +222,10 @@ def sample_flow(
       sde_window: ``(start, size)``; ``size`` a static int >= 0, ``start`` a Python int or an
         int32 array [B] (one window per row). ``(0, num_steps)`` makes every step stochastic.
       sde_type: "sde" (Flow-GRPO) or "cps".
-    Returns: ``FlowSample`` (fields and shapes in its docstring).
+    With ``noise_level == 0`` (or CPS at t_next == 0) a window step has std 0 and its ``logp``
+    is not finite; windows are meant for a > 0 at high noise.
+    Returns: ``FlowSample`` (fields and shapes in its docstring). Rows' records can be
+      re-scored under new parameters with ``recompute_logprob``.
     """
     if sde_type not in _STEP_FNS:
         raise ValueError(f"sde_type must be one of {sorted(_STEP_FNS)}, got {sde_type!r}")
@@ -231,7 +251,6 @@ def sample_flow(
     init = dict(
         x=x, x_t=buf, x_next=buf, mean=buf, std=row_buf, t=row_buf, t_next=row_buf,
         logp=row_buf, step_index=jnp.full((batch, size), -1, jnp.int32))
-    slots = jnp.arange(size, dtype=jnp.int32)
 
     def body(carry, inp):
         i, t, t_next = inp
@@ -243,23 +262,29 @@ def sample_flow(
         in_win = (i >= start) & (i < start + size)  # [B]
         x_new = jnp.where(_expand(in_win, x.ndim), sde_next, ode)
         logp = step_logprob(sde_next, mean, std)
-        # [B, W] one-hot of the slot this step fills (all False for rows outside the window).
-        hot = in_win[:, None] & (slots[None, :] == (i - start)[:, None])
-        hot_f = _expand(hot, x.ndim + 1)
+        out = dict(x=x_new)
+        if size == 0:
+            return {**carry, **out}, None
+        # Each row writes its own slot i - start with a gather + scatter (O(B * D) per step,
+        # in place on the scan carry); rows outside their window write back what was there.
+        rows = jnp.arange(batch)
+        slot = jnp.clip(i - start, 0, size - 1)
 
-        def put(b, val):  # val [B, ...] -> written into slot of b [B, W, ...]
-            return jnp.where(hot_f if b.ndim > 2 else hot, val[:, None], b)
+        def put(b, val):  # b [B, W, ...], val [B, ...] or a scalar broadcast to [B]
+            val = jnp.broadcast_to(jnp.asarray(val, b.dtype), (batch,) + b.shape[2:])
+            keep = b[rows, slot]
+            new = jnp.where(_expand(in_win, val.ndim), val, keep)
+            return b.at[rows, slot].set(new, unique_indices=True)
 
-        out = dict(
-            x=x_new,
+        out.update(
             x_t=put(carry["x_t"], x),
             x_next=put(carry["x_next"], sde_next),
             mean=put(carry["mean"], mean),
             std=put(carry["std"], std.reshape(batch)),
-            t=put(carry["t"], jnp.full((batch,), t)),
-            t_next=put(carry["t_next"], jnp.full((batch,), t_next)),
+            t=put(carry["t"], t),
+            t_next=put(carry["t_next"], t_next),
             logp=put(carry["logp"], logp),
-            step_index=put(carry["step_index"], jnp.full((batch,), i, jnp.int32)),
+            step_index=put(carry["step_index"], i),
         )
         return out, None
 

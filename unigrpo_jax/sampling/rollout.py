@@ -105,6 +105,7 @@ def reasoning_context(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask
   holds the whole [B, P + T + 1] context, image_position [B] int32).
   """
   p, t = prompt_tokens.shape[1], sampling.max_len
+  prompt_mask = prompt_mask.astype(bool)
   cache, last_logits = text.prefill(model, prompt_tokens, prompt_mask, p + t + 1)
   cache, last_logits, prompt_mask = (_repeat_rows(a, group_size)
                                      for a in (cache, last_logits, prompt_mask))
@@ -115,11 +116,13 @@ def reasoning_context(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask
   return sample.replace(cache=cache), vs_pos + 1
 
 
-def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoencoder):
+def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoencoder,
+                 compiler_options: dict | None = None):
   """Builds the jitted rollout.
 
   Returns ``fn(state, prompt_tokens [Bp, P], prompt_mask [Bp, P], key) -> Trajectory`` with
   B = Bp * group_size rows (each prompt's G rows contiguous). ``state`` is the model's nnx.State.
+  compiler_options: passed to ``jax.jit`` (e.g. a low XLA optimisation level for CPU tests).
   """
   grid = flow.timesteps(cfg.num_steps, cfg.shift)
 
@@ -146,11 +149,11 @@ def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoen
     images = jnp.clip(autoencoder.decode(fs.x0), -1.0, 1.0)
     return Trajectory(
         prompt_tokens=_repeat_rows(prompt_tokens.astype(jnp.int32), cfg.group_size),
-        prompt_mask=_repeat_rows(prompt_mask, cfg.group_size),
+        prompt_mask=_repeat_rows(prompt_mask.astype(bool), cfg.group_size),
         reasoning_tokens=sample.tokens, reasoning_mask=sample.mask, reasoning_logp=sample.logp,
         truncated=sample.truncated, window=window, latents=fs.x0, images=images)
 
-  return jax.jit(rollout)
+  return jax.jit(rollout, compiler_options=compiler_options)
 
 
 @flax.struct.dataclass
@@ -165,7 +168,8 @@ class EvalSample:
 
 def make_eval_sampler(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoencoder, *,
                       num_steps: int = 50, shift: float | None = None, cfg_scale: float = 1.0,
-                      greedy_text: bool = False, samples_per_prompt: int = 1):
+                      greedy_text: bool = False, samples_per_prompt: int = 1,
+                      compiler_options: dict | None = None):
   """Evaluation sampler (never used in training): deterministic Euler ODE, optional CFG.
 
   CFG: ``v = v_u + cfg_scale * (v_c - v_u)``; the unconditional context is the ``<vision_start>``
@@ -174,7 +178,8 @@ def make_eval_sampler(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: A
   ``cfg`` (``greedy_text`` switches to argmax).
 
   Returns ``fn(state, prompt_tokens [Bp, P], prompt_mask [Bp, P], key) -> EvalSample`` of
-  Bp * samples_per_prompt rows.
+  Bp * samples_per_prompt rows (each prompt's rows contiguous). compiler_options: as
+  ``make_rollout``.
   """
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -207,4 +212,4 @@ def make_eval_sampler(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: A
     images = jnp.clip(autoencoder.decode(fs.x0), -1.0, 1.0)
     return EvalSample(txt.tokens, txt.mask, fs.x0, images)
 
-  return jax.jit(sample)
+  return jax.jit(sample, compiler_options=compiler_options)

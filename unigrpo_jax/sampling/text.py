@@ -94,6 +94,7 @@ def prefill(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask: jax.Arra
     (cache with slots [0, P) written, last_logits [B, V] float32 predicting reasoning token 0).
   """
   b, p = prompt_tokens.shape
+  prompt_mask = prompt_mask.astype(bool)
   if cache_len < p:
     raise ValueError(f"cache_len={cache_len} is shorter than the prompt ({p} slots)")
   out = model(prompt_tokens, prompt_positions(prompt_mask), prompt_mask)
@@ -187,6 +188,7 @@ def decode(model: UnifiedModel, cache: KVCache, last_logits: jax.Array, prompt_m
     TextSample ([B, T] tokens / logp / mask, [B] truncated, the updated cache).
   """
   prompt_slots = prompt_mask.shape[1]
+  prompt_mask = prompt_mask.astype(bool)
   graphdef, params = nnx.split(model)
 
   def body(state):
@@ -227,10 +229,14 @@ def sample_text(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask: jax.
   return decode(model, cache, last_logits, prompt_mask, key, cfg)
 
 
-def make_text_sampler(graphdef: nnx.GraphDef, cfg: SamplingConfig):
-  """Jitted ``fn(state, prompt_tokens [B, P], prompt_mask [B, P], key) -> TextSample``."""
+def make_text_sampler(graphdef: nnx.GraphDef, cfg: SamplingConfig,
+                      compiler_options: Optional[dict] = None):
+  """Jitted ``fn(state, prompt_tokens [B, P], prompt_mask [B, P], key) -> TextSample``.
+
+  compiler_options: passed to ``jax.jit`` (e.g. a low XLA optimisation level for CPU tests).
+  """
 
   def fn(state, prompt_tokens, prompt_mask, key):
     return sample_text(nnx.merge(graphdef, state), prompt_tokens, prompt_mask, key, cfg)
 
-  return jax.jit(fn)
+  return jax.jit(fn, compiler_options=compiler_options)
