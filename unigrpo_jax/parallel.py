@@ -96,8 +96,10 @@ def mesh_from_config(cfg: MeshConfig, devices=None) -> Mesh:
 def normalize_rules(rules: Optional[Iterable[Sequence[Any]]]) -> Rules:
   """Validates rules given as (logical, mesh_axes) pairs (e.g. from a config list).
 
-  ``mesh_axes`` may be None, a mesh-axis name or a list/tuple of names. Raises ValueError on an
-  unknown mesh axis or a logical name listed twice. ``None`` gives ``DEFAULT_RULES``.
+  ``mesh_axes`` may be None, a mesh-axis name or a list/tuple of names. As in flax/maxtext, the
+  FIRST rule naming a logical axis wins, so ``overrides + DEFAULT_RULES`` overrides defaults;
+  later rules for the same name are dropped. Raises ValueError on an unknown mesh axis or a
+  malformed pair. ``None`` gives ``DEFAULT_RULES``.
   """
   if rules is None:
     return DEFAULT_RULES
@@ -106,17 +108,22 @@ def normalize_rules(rules: Optional[Iterable[Sequence[Any]]]) -> Rules:
     if len(pair) != 2:
       raise ValueError(f"a sharding rule must be (logical_name, mesh_axes), got {pair!r}")
     name, axes = pair
-    if name in seen:
-      raise ValueError(f"logical axis {name!r} has two sharding rules")
-    seen.add(name)
     if isinstance(axes, (list, tuple)):
       axes = tuple(axes) if axes else None
     for a in (axes if isinstance(axes, tuple) else (axes,)):
       if a is not None and a not in MESH_AXES:
         raise ValueError(f"rule {name!r} -> {axes!r}: unknown mesh axis {a!r}; "
                          f"mesh axes are {MESH_AXES}")
+    if name in seen:
+      continue
+    seen.add(name)
     out.append((str(name), axes))
   return tuple(out)
+
+
+def merge_rules(overrides: Optional[Iterable[Sequence[Any]]], base: Rules = DEFAULT_RULES) -> Rules:
+  """``overrides`` first, then every rule of ``base`` not overridden (validated)."""
+  return normalize_rules(tuple(overrides or ()) + tuple(base))
 
 
 def logical_to_mesh_spec(pspec: PartitionSpec, rules: Rules, mesh: Mesh,
@@ -165,12 +172,13 @@ def state_shardings(abstract_state, mesh: Mesh, rules: Optional[Rules] = None):
 
 
 def create_sharded_model(cfg, seed: int, mesh: Mesh, rules: Optional[Rules] = None,
-                         model_fn: Optional[Callable] = None):
+                         model_fn: Optional[Callable] = None, compiler_options=None):
   """Builds ``UnifiedModel(cfg, nnx.Rngs(seed))`` directly in its final sharding.
 
   Returns ``(graphdef, state)``: ``state`` is the FULL model state (Params plus the constant
-  non-param Variables), so ``nnx.merge(graphdef, state)`` rebuilds the model. The init runs
-  under ``jax.jit(out_shardings=...)`` so no device ever holds an unsharded copy.
+  non-param Variables, if any), so ``nnx.merge(graphdef, state)`` rebuilds the model. The init
+  runs under ``jax.jit(out_shardings=...)`` so no device ever holds an unsharded copy.
+  ``model_fn(cfg, rngs)`` replaces the model class; ``compiler_options`` go to that jit.
   """
   if model_fn is None:
     from unigrpo_jax.models.unified import UnifiedModel  # local: keep parallel.py model-free
@@ -181,7 +189,7 @@ def create_sharded_model(cfg, seed: int, mesh: Mesh, rules: Optional[Rules] = No
 
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_fn(cfg, nnx.Rngs(seed))))
   shardings = state_shardings(abstract, mesh, rules)
-  state = jax.jit(init, out_shardings=shardings)()
+  state = jax.jit(init, out_shardings=shardings, compiler_options=compiler_options)()
   return graphdef, state
 
 
