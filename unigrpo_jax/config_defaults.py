@@ -95,7 +95,7 @@ def base() -> ml_collections.ConfigDict:
   c.max_nonfinite_in_row = 3
 
   c.sft = ml_collections.ConfigDict()
-  c.sft.steps = 2000
+  c.sft.steps = 1500
   c.sft.batch_size = 32
   c.sft.learning_rate = 1e-3
   c.sft.warmup_steps = 100
@@ -103,5 +103,6 @@ def base() -> ml_collections.ConfigDict:
   c.sft.grad_clip = 1.0
   c.sft.image_loss_weight = 1.0
   c.sft.wrong_reasoning_prob = 0.3
+  c.sft.layout_seed = 0  # -1: random layouts (see data/sft_examples.py)
   c.sft.save_every = 250
   return c

@@ -29,7 +29,12 @@ def main(argv):
   except config_validation.ConfigError as e:
     sys.exit(f"error: bad config: {e}")
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  run.run(config, _WORKDIR.value)
+  try:
+    run.run(config, _WORKDIR.value)
+  except (ValueError, RuntimeError) as e:
+    # Bad input (checkpoint, prompt file, rewards) and stopped runs: one clear line, exit 1.
+    # Anything else keeps its traceback.
+    sys.exit(f"error: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

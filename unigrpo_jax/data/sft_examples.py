@@ -5,6 +5,11 @@ the text side: with probability ``wrong_reasoning_prob`` the trace's final scene
 nearby wrong scene (one count, color or relation changed) and the image is drawn from that WRONG
 scene. Reasoning and image stay consistent with each other (the image follows the reasoning, as
 in the real model); only the reward, scored against the prompt, sees the mistake.
+
+``layout_seed`` fixes the render seed, so an image is a deterministic function of its scene (the
+layout then depends only on the counts and relation). A tiny flow model learns that nearly
+unimodal target in minutes, where random layouts leave it drawing a blur of every layout at once
+[ours]. RL's SDE noise still explores other layouts.
 """
 from __future__ import annotations
 
@@ -56,8 +61,8 @@ class SFTBatch:
 
 
 def sample_sft_batch(rng: np.random.Generator, batch_size: int, image_size: int,
-                     wrong_reasoning_prob: float, num_train_tasks: Optional[int] = None
-                     ) -> SFTBatch:
+                     wrong_reasoning_prob: float, num_train_tasks: Optional[int] = None,
+                     layout_seed: Optional[int] = None) -> SFTBatch:
   """Draws tasks from the TRAIN split only (the test split is never trained on)."""
   prompts, traces, images, correct = [], [], [], []
   for _ in range(batch_size):
@@ -68,6 +73,7 @@ def sample_sft_batch(rng: np.random.Generator, batch_size: int, image_size: int,
       spec = corrupt_spec(spec, rng)
     prompts.append(task.prompt)
     traces.append(with_scene(task.reasoning, spec))
-    images.append(sw.render(spec, seed=int(rng.integers(2 ** 31 - 1)), size=image_size))
+    seed = int(rng.integers(2 ** 31 - 1)) if layout_seed is None else layout_seed
+    images.append(sw.render(spec, seed=seed, size=image_size))
     correct.append(spec == task.spec)
   return SFTBatch(prompts, traces, np.stack(images), np.array(correct))

@@ -97,4 +97,6 @@ def make_optimizer(optim_cfg, objective_cfg) -> optax.GradientTransformation:
   if optim_cfg.grad_clip is not None and optim_cfg.grad_clip > 0:
     stages.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
   stages.append(optax.multi_transform({s: side_opt(s) for s in (UND, GEN)}, param_labels))
-  return optax.chain(*stages)
+  # An update whose gradients hold a NaN/inf is skipped (params and moments untouched); the
+  # trainer counts such steps and stops after config.max_nonfinite_in_row in a row.
+  return optax.apply_if_finite(optax.chain(*stages), max_consecutive_errors=2**31 - 1)

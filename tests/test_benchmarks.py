@@ -1,0 +1,47 @@
+"""The benchmark's analytic FLOP counter agrees with XLA's cost analysis (nothing is timed)."""
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from benchmarks import flops  # noqa: E402
+from unigrpo_jax.models import KVCache, UnifiedModel, get_preset  # noqa: E402
+
+
+def _xla_flops(fn, *args) -> float:
+  return float(jax.jit(fn).lower(*args).compile().cost_analysis()["flops"])
+
+
+@pytest.mark.parametrize("logits", [True, False])
+def test_forward_flops_match_xla_cost_analysis(logits):
+  """Packed forward (text over a cache + image blocks) of the tiny preset, shapes chosen so that
+  attention (>10%) and the LM head (>7%) weigh enough that a wrong term leaves the band.
+  With ``logits=False`` XLA drops the last layer's dead text work, as the counter assumes."""
+  cfg = get_preset("tiny")
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: UnifiedModel(cfg, nnx.Rngs(0))))
+  b, lt, s, k = 2, 96, 24, 2
+  sds = jax.ShapeDtypeStruct
+  args = (state, sds((b, lt), jnp.int32), sds((b, k, cfg.num_image_tokens, cfg.latent_dim),
+                                             jnp.float32), sds((b, k), jnp.float32))
+
+  def forward(state, tokens, latents, times):
+    model = nnx.merge(graphdef, state)
+    positions = jnp.broadcast_to(s + jnp.arange(lt), tokens.shape)
+    cache = KVCache.zeros(cfg, b, s)
+    out = model(tokens, positions, latents=latents, times=times,
+                image_position=jnp.full((b,), s + lt), cache=cache, compute_logits=logits)
+    return out.logits, out.velocity, out.text_k
+
+  analytic = flops.forward(cfg, batch=b, text_len=lt, cache_len=s, num_blocks=k, logits=logits)
+  parts = analytic.as_dict()
+  assert parts["text_attention"] + parts["image_attention"] > 0.1 * analytic.total
+  if logits:
+    assert parts["lm_head"] > 0.07 * analytic.total
+  xla = _xla_flops(forward, *args)
+  # Only matmuls are counted; XLA adds the elementwise ops (norms, RoPE, softmax): a few %.
+  print(analytic.total / xla)
+  assert 0.85 < analytic.total / xla <= 1.0, (analytic.total, xla, parts)

@@ -1,0 +1,282 @@
+"""The UniGRPO loop: prompts -> rollout -> rewards -> group advantages -> PPO train step.
+
+Everything that can be wrong with the inputs (config, prompt file, reward names, checkpoint) is
+checked before the first compile. The loop is resumable: re-running the same command on the same
+workdir continues from the last checkpoint and reproduces an uninterrupted run exactly (all
+randomness is ``fold_in(seed, step)``; the data iterator state is checkpointed).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from unigrpo_jax import checkpointing, parallel
+from unigrpo_jax.data import shapeworld as sw
+from unigrpo_jax.data.encoding import decode_reasoning, encode_prompts
+from unigrpo_jax.data.pipeline import PromptFileSource, ShapeWorldSource, make_prompt_loader
+from unigrpo_jax.data.tokenizer import Tokenizer
+from unigrpo_jax.models import PatchAutoencoder
+from unigrpo_jax.models.image import to_uint8
+from unigrpo_jax.rewards import registry
+from unigrpo_jax.rl import advantages as adv_lib
+from unigrpo_jax.rl.train_step import (ObjectiveConfig, OptimConfig, init_train_state,
+                                       make_train_step, train_state_shardings)
+from unigrpo_jax.sampling.rollout import RolloutConfig, make_rollout
+from unigrpo_jax.trainers import grid, setup
+from unigrpo_jax.trainers.evaluate import build_evaluator
+from unigrpo_jax.trainers.metrics import (CompileCounter, MetricsLogger, Progress,
+                                          truncate_metrics)
+
+
+class RewardError(RuntimeError):
+  """A reward function raised: the run stops (a silent 0 would poison the advantages)."""
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with non-finite loss or gradients."""
+
+
+# ------------------------------------------------------------------ config -> static configs
+def rollout_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> RolloutConfig:
+  r = config.rollout
+  return RolloutConfig(group_size=r.group_size, max_reasoning_len=r.max_reasoning_len,
+                       stop_id=tokenizer.think_end_id, pad_id=tokenizer.pad_id,
+                       vision_start_id=tokenizer.vision_start_id, temperature=r.temperature,
+                       top_k=r.top_k, top_p=r.top_p, num_steps=r.num_steps, shift=r.shift,
+                       noise_level=r.noise_level, window_range=tuple(r.window_range),
+                       window_size=r.window_size, sde_type=r.sde_type)
+
+
+def objective_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ObjectiveConfig:
+  o = config.objective
+  return ObjectiveConfig(
+      vision_start_id=tokenizer.vision_start_id, pad_id=tokenizer.pad_id,
+      text_clip=tuple(o.text_clip) if isinstance(o.text_clip, (tuple, list)) else o.text_clip,
+      text_aggregation=o.text_aggregation, text_kl_coef=o.text_kl_coef,
+      flow_clip=tuple(o.flow_clip) if isinstance(o.flow_clip, (tuple, list)) else o.flow_clip,
+      ratio_norm=o.ratio_norm, reweight_by_dt=o.reweight_by_dt, flow_weight=o.flow_weight,
+      regularizer=o.regularizer, reg_weight=o.reg_weight, stop_context_grad=o.stop_context_grad,
+      train_text=o.train_text, train_image=o.train_image, temperature=config.rollout.temperature,
+      noise_level=config.rollout.noise_level, sde_type=config.rollout.sde_type)
+
+
+def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
+  o = config.optim
+  return OptimConfig(lr_und=o.lr_und, lr_gen=o.lr_gen, weight_decay=o.weight_decay, b1=o.b1,
+                     b2=o.b2, grad_clip=o.grad_clip, ppo_epochs=o.ppo_epochs,
+                     num_minibatches=o.num_minibatches, grad_accum=o.grad_accum)
+
+
+def prompt_source(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+  """The training prompts: a validated prompt file, or the ShapeWorld train split."""
+  if config.data.prompt_file:
+    source = PromptFileSource(config.data.prompt_file, tokenizer)
+  else:
+    source = ShapeWorldSource("train", config.data.train_tasks)
+  for i in range(len(source)):  # every prompt must fit: fail now, not at step 900
+    encode_prompts(tokenizer, [source[i]["prompt"]], config.data.max_prompt_len)
+  return source
+
+
+# ------------------------------------------------------------------ rewards
+def score_rollout(reward_fn: Callable, images: np.ndarray, specs: Sequence[sw.Spec],
+                  reasoning: Sequence[str], prompts: Sequence[str]) -> dict:
+  """Calls the reward; on failure names the first prompt whose rows make it raise."""
+  try:
+    return reward_fn(images, specs, reasoning)
+  except Exception as batch_error:  # find the culprit row to make the report useful
+    for i in range(len(specs)):
+      try:
+        reward_fn(images[i:i + 1], specs[i:i + 1], reasoning[i:i + 1])
+      except Exception as row_error:
+        raise RewardError(f"reward failed on prompt {prompts[i]!r} (row {i}): "
+                          f"{type(row_error).__name__}: {row_error}") from row_error
+    raise RewardError(f"reward failed on the batch: {type(batch_error).__name__}: "
+                      f"{batch_error}") from batch_error
+
+
+# ------------------------------------------------------------------ the run
+class _Preempted:
+  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.flag = False
+    self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _flat(tree) -> dict:
+  """Checkpoint layout: leaves by index (restored into the abstract tree's structure)."""
+  return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
+
+
+def _unflat(flat: dict, like):
+  return jax.tree.unflatten(jax.tree.structure(like), [flat[k] for k in sorted(flat)])
+
+
+def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs UniGRPO; returns the last metrics row written."""
+  tokenizer = Tokenizer.for_shapeworld()
+  # --- inputs first: each of these fails with a message before any compile.
+  try:
+    reward_fn = registry.combined_reward(dict(config.rewards))
+  except KeyError as e:
+    raise ValueError(f"config.rewards: {e.args[0]}") from None
+  source = prompt_source(config, tokenizer)
+  rcfg, ocfg, optcfg = rollout_config(config, tokenizer), objective_config(config, tokenizer), \
+      optim_config(config)
+  model_cfg, init_params = setup.model_and_params(config, tokenizer)
+  g = rcfg.group_size
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  rules = parallel.normalize_rules(tuple(config.logical_rules) + parallel.DEFAULT_RULES) \
+      if config.logical_rules else None
+  batch_rows = config.rollout.prompts_per_batch * g
+  if batch_rows % parallel.batch_parallelism(mesh):
+    raise ValueError(f"config.rollout: prompts_per_batch * group_size = {batch_rows} is not a "
+                     f"multiple of the mesh's batch parallelism "
+                     f"{parallel.batch_parallelism(mesh)}")
+
+  # --- model, reference, optimizer state (created in their shardings).
+  graphdef, params = parallel.create_sharded_model(model_cfg, config.seed, mesh, rules)
+  if init_params is not None:
+    params = jax.device_put(init_params, parallel.state_shardings(params, mesh, rules))
+  ref_params = jax.tree.map(jnp.copy, params) if ocfg.needs_reference else None
+  train_state = init_train_state(params, ocfg, optcfg, mesh, rules)
+  del params
+  autoencoder = PatchAutoencoder.for_model(model_cfg)
+  rollout_fn = make_rollout(graphdef, rcfg, autoencoder)
+  train_step = make_train_step(graphdef, train_state.params, ocfg, optcfg, mesh, rules)
+  evaluator = build_evaluator(config, graphdef, model_cfg, tokenizer)
+  batch_sh = parallel.batch_sharding(mesh)
+
+  # --- resume.
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpointing.RunCheckpointer(workdir, keep=config.keep_checkpoints,
+                                       async_save=config.async_checkpointing)
+  loader_iter = iter(make_prompt_loader(source, config.rollout.prompts_per_batch, config.seed,
+                                        drop_remainder=True))
+  start_step, nonfinite_in_row, nonfinite_total = 0, 0, 0
+  saved_tree = {"train_state": train_state, "ref_params": ref_params}
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                            saved_tree)
+    flat, host = ckpt.restore(latest, _flat(abstract))
+    restored = _unflat(flat, saved_tree)
+    train_state, ref_params = restored["train_state"], restored["ref_params"]
+    loader_iter.set_state(host["data_iter"])
+    start_step, nonfinite_total = host["step"], host["nonfinite_total"]
+    nonfinite_in_row = host["nonfinite_in_row"]
+    truncate_metrics(workdir, start_step)
+    print(f"resumed from {ckpt.directory} at step {start_step}", flush=True)
+  if start_step >= config.total_steps:
+    print(f"nothing to do: step {start_step} >= total_steps {config.total_steps}")
+    ckpt.close()
+    return {}
+
+  logger = MetricsLogger(workdir, tensorboard=config.tensorboard)
+  compiles = CompileCounter.install()
+  progress = Progress(config.total_steps, start_step, every=config.log_every)
+  preempted = _Preempted()
+  base_key = jax.random.key(config.seed)
+
+  def save(step: int) -> None:
+    ckpt.save(step, _flat({"train_state": train_state, "ref_params": ref_params}),
+              {"data_iter": loader_iter.get_state(), "step": step,
+               "nonfinite_total": nonfinite_total, "nonfinite_in_row": nonfinite_in_row},
+              force=True)
+
+  def evaluate(step: int) -> dict:
+    t0 = time.time()
+    metrics, picture = evaluator(train_state.params, jax.random.fold_in(base_key, -1))
+    metrics["perf/eval_time_s"] = time.time() - t0
+    grid.save_png(os.path.join(workdir, f"samples_step_{step:06d}.png"), picture)
+    logger.write_images(step, {"samples": picture})
+    return metrics
+
+  last = {}
+  try:
+    if start_step == 0:
+      last = {"step": 0, **evaluate(0), "perf/num_compiles": compiles.count}
+      logger.write(0, {k: v for k, v in last.items() if k != "step"})
+    for step in range(start_step + 1, config.total_steps + 1):
+      t0 = time.time()
+      batch = next(loader_iter)
+      prompts = list(batch["prompt"])
+      specs = [sw.Spec.from_json(s) for s in batch["spec"]]
+      tokens, mask = encode_prompts(tokenizer, prompts, config.data.max_prompt_len)
+      key = jax.random.fold_in(base_key, step)
+      traj = rollout_fn(train_state.params, tokens, mask, jax.random.fold_in(key, 0))
+      host = jax.device_get((traj.images, traj.reasoning_tokens, traj.reasoning_mask,
+                             traj.truncated))
+      t_rollout = time.time() - t0
+      images = np.asarray(to_uint8(host[0]))
+      reasoning = decode_reasoning(tokenizer, host[1], host[2])
+      row_prompts = [p for p in prompts for _ in range(g)]
+      row_specs = [s for s in specs for _ in range(g)]
+      rewards = score_rollout(reward_fn, images, row_specs, reasoning, row_prompts)
+      reward = np.asarray(rewards["reward"], np.float32)
+      advantages = adv_lib.get_advantage_fn(config.advantage.estimator)(
+          jnp.asarray(reward), g, eps=config.advantage.eps, clip=config.advantage.clip)
+      t1 = time.time()
+      traj, advantages = jax.device_put((traj, advantages), batch_sh)
+      new_state, m = train_step(train_state, ref_params, traj, advantages,
+                                jax.random.fold_in(key, 1))
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      # Non-finite gradients never reach the params: the optimizer skips such updates
+      # (optax.apply_if_finite inside the step); here they are counted and bounded.
+      train_state = new_state
+      finite = bool(np.isfinite(m["loss/total"]) and np.isfinite(m["grad_norm/total"]))
+      nonfinite_in_row = 0 if finite else nonfinite_in_row + 1
+      nonfinite_total += 0 if finite else 1
+      if nonfinite_in_row >= config.max_nonfinite_in_row:
+        raise NonFiniteError(f"{nonfinite_in_row} consecutive steps with non-finite loss or "
+                             f"gradients at step {step} (loss {m['loss/total']}, grad norm "
+                             f"{m['grad_norm/total']}); stopping. Lower the learning rates or "
+                             "check the rewards.")
+      parsed_ok = [sw.parse_reasoning(t) == s for t, s in zip(reasoning, row_specs)]
+      metrics = {f"train/{k}": v for k, v in m.items()}
+      metrics["train/loss"] = m["loss/total"]
+      metrics.update({
+          "train/reward_mean": float(reward.mean()), "train/reward_std": float(reward.std()),
+          "train/strict_mean": float(np.mean(rewards.get("shapeworld/strict", reward))),
+          "train/reasoning_accuracy": float(np.mean(parsed_ok)),
+          "train/zero_variance_groups": float(adv_lib.zero_variance_fraction(jnp.asarray(reward),
+                                                                             g)),
+          "train/reasoning_len": float(np.mean(np.sum(host[2], axis=1))),
+          "train/truncated_frac": float(np.mean(host[3])),
+          "train/nonfinite_skipped_total": float(nonfinite_total),
+          "perf/rollout_time_s": t_rollout, "perf/train_time_s": time.time() - t1,
+      })
+      if step % config.eval_every == 0 or step == config.total_steps:
+        metrics.update(evaluate(step))
+      metrics["perf/step_time_s"] = time.time() - t0
+      metrics["perf/num_compiles"] = compiles.count
+      logger.write(step, metrics)
+      last = {"step": step, **metrics}
+      progress.update(step, {"reward": metrics["train/reward_mean"],
+                             "loss": metrics["train/loss"]})
+      if step % config.checkpoint_every == 0 or step == config.total_steps or preempted.flag:
+        save(step)
+      if preempted.flag:
+        print(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting", flush=True)
+        break
+  finally:
+    preempted.restore()
+    logger.close()
+    ckpt.close()
+  return last
