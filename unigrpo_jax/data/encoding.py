@@ -53,6 +53,17 @@ def encode_reasoning(tokenizer: Tokenizer, texts: Sequence[str], max_len: int):
 
 
 def decode_reasoning(tokenizer: Tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
-  """Sampled reasoning ids [B, T] with validity [B, T] -> text per row (specials dropped)."""
-  return [tokenizer.decode([int(t) for t, m in zip(row, valid) if m])
-          for row, valid in zip(np.asarray(tokens), np.asarray(mask))]
+  """Sampled reasoning ids [B, T] with validity [B, T] -> text per row (specials dropped).
+
+  A model whose vocabulary is larger than the tokenizer's can sample ids no word has; they
+  show as ``<id:N>`` (the reasoning is then simply wrong) instead of stopping the run.
+  """
+  texts = []
+  for row, valid in zip(np.asarray(tokens), np.asarray(mask)):
+    ids = [int(t) for t, m in zip(row, valid) if m]
+    if all(i < tokenizer.vocab_size for i in ids):
+      texts.append(tokenizer.decode(ids))
+    else:
+      texts.append(" ".join(tokenizer.decode([i]) if i < tokenizer.vocab_size else f"<id:{i}>"
+                            for i in ids).strip())
+  return texts

@@ -33,9 +33,6 @@ def model_and_params(config: ml_collections.ConfigDict, tokenizer: Tokenizer
     model_cfg = checkpointing.model_config_from_meta(meta, **runtime)
     abstract = nnx.state(nnx.eval_shape(lambda: UnifiedModel(model_cfg, nnx.Rngs(0))), nnx.Param)
     return model_cfg, checkpointing.load_params(config.init_checkpoint, abstract)
-  model_cfg = get_preset(config.model.preset, **runtime)
-  if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ValueError(f"config.model.preset={config.model.preset!r} has vocab_size "
-                     f"{model_cfg.vocab_size} < the tokenizer's {tokenizer.vocab_size}")
-  return model_cfg, None
+  # A fresh model gets exactly the tokenizer's vocabulary: no id can be sampled that no word has.
+  return get_preset(config.model.preset, vocab_size=tokenizer.vocab_size, **runtime), None
 

@@ -202,7 +202,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def evaluate(step: int) -> dict:
     t0 = time.time()
-    metrics, picture = evaluator(train_state.params, jax.random.fold_in(base_key, -1))
+    metrics, picture = evaluator(train_state.params, jax.random.fold_in(base_key, 2**31 - 1))  # fixed eval noise
     metrics["perf/eval_time_s"] = time.time() - t0
     grid.save_png(os.path.join(workdir, f"samples_step_{step:06d}.png"), picture)
     logger.write_images(step, {"samples": picture})
