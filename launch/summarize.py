@@ -1,0 +1,69 @@
+"""Results table (markdown) and reward-curve picture from ablation run directories.
+
+python launch/summarize.py runs/ablations   # expects runs/ablations/<variant>/seed<k>/metrics.jsonl
+"""
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def rows(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def main(root):
+  table, curves = {}, {}
+  for metrics in sorted(glob.glob(os.path.join(root, "*", "seed*", "metrics.jsonl"))):
+    variant = metrics.split(os.sep)[-3]
+    data = rows(metrics)
+    evals = [r for r in data if "eval/reward_mean" in r]
+    if len(evals) < 2:
+      continue
+    first, last = evals[0], evals[-1]
+    table.setdefault("SFT (step 0)", []).append((first["eval/reward_mean"],
+                                                 first["eval/strict_accuracy"],
+                                                 first["eval/reasoning_accuracy"]))
+    table.setdefault(variant, []).append((last["eval/reward_mean"], last["eval/strict_accuracy"],
+                                          last["eval/reasoning_accuracy"]))
+    curves.setdefault(variant, []).append([(r["step"], r["train/reward_mean"]) for r in data
+                                           if "train/reward_mean" in r])
+  lines = ["| method | eval reward | strict accuracy | reasoning accuracy | runs |",
+           "|---|---|---|---|---|"]
+  for name in ["SFT (step 0)", "text_only", "image_only", "joint"]:
+    if name not in table:
+      continue
+    vals = np.array(table[name])
+    if name == "SFT (step 0)":
+      vals = np.unique(vals, axis=0)  # every run starts from the same evaluation
+    cells = [f"{vals[:, i].mean():.3f} ± {vals[:, i].std():.3f}" for i in range(3)]
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(vals)} |")
+  print("\n".join(lines))
+  with open(os.path.join(root, "table.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib not installed: no curve picture")
+    return
+  plt.figure(figsize=(6, 3.5))
+  for variant, runs in sorted(curves.items()):
+    length = min(len(r) for r in runs)
+    steps = [s for s, _ in runs[0][:length]]
+    mean = np.mean([[v for _, v in r[:length]] for r in runs], axis=0)
+    plt.plot(steps, mean, label=f"{variant} ({len(runs)} seeds)")
+  plt.xlabel("step")
+  plt.ylabel("train reward (mean over seeds)")
+  plt.legend()
+  plt.grid(alpha=0.3)
+  plt.tight_layout()
+  plt.savefig(os.path.join(root, "reward_curve.png"), dpi=120)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
