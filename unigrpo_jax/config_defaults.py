@@ -83,7 +83,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.num_steps = 20
   c.eval.cfg_scale = 1.0
-  c.eval.greedy = True
+  c.eval.greedy = False  # sample reasoning at the training temperature (fixed key): text RL shows
   c.eval.batch_size = 32
   c.eval.grid_rows = 8
 
