@@ -96,7 +96,8 @@ def _main(args, workdir):
 @pytest.mark.parametrize("args, message", [
     (["--config.init_checkpoint=/nonexistent/ckpt"], "does not exist"),
     (["--config.data.prompt_file=PROMPTS"], "glorbish"),
-    (["--config.rollout.group_size=3", "--config.optim.num_minibatches=8"],
+    (["--config.rollout.prompts_per_batch=2", "--config.rollout.group_size=3",
+      "--config.optim.num_minibatches=4"],
      "num_minibatches"),
     (["--config.rollout.window_size=9"], "window_size"),
 ])
