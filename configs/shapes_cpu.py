@@ -13,8 +13,8 @@ def get_config():
   c.rollout.group_size = 8
   c.rollout.num_steps = 10
   # The toy model is ~1M params per expert: it moves with far larger steps than BAGEL-7B.
-  c.optim.lr_und = 1e-4
-  c.optim.lr_gen = 3e-4
+  c.optim.lr_und = 3e-5
+  c.optim.lr_gen = 1e-5
   c.objective.flow_clip = 1e-3
   c.objective.reg_weight = 1.5e-5
   c.total_steps = 60
