@@ -24,32 +24,30 @@ def reasoning_ids(tokenizer: Tokenizer, reasoning: str) -> list[int]:
   return tokenizer.encode(reasoning) + [tokenizer.think_end_id]
 
 
+def _pack(rows: Sequence[list[int]], texts: Sequence[str], max_len: int, pad_id: int,
+          left: bool, what: str):
+  """Token id lists -> (int32 [B, max_len], bool [B, max_len]), padded on the left or right."""
+  tokens = np.full((len(rows), max_len), pad_id, np.int32)
+  mask = np.zeros((len(rows), max_len), bool)
+  for i, (ids, text) in enumerate(zip(rows, texts)):
+    if len(ids) > max_len:
+      raise ValueError(f"{what} {text!r} needs {len(ids)} tokens, more than "
+                       f"max_{what}_len={max_len}")
+    cols = slice(max_len - len(ids), max_len) if left else slice(0, len(ids))
+    tokens[i, cols], mask[i, cols] = ids, True
+  return tokens, mask
+
+
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], max_len: int):
   """-> tokens int32 [B, max_len] left-padded with <pad>, mask bool [B, max_len]."""
-  tokens = np.full((len(prompts), max_len), tokenizer.pad_id, np.int32)
-  mask = np.zeros((len(prompts), max_len), bool)
-  for i, prompt in enumerate(prompts):
-    ids = prompt_ids(tokenizer, prompt)
-    if len(ids) > max_len:
-      raise ValueError(f"prompt {prompt!r} needs {len(ids)} tokens, more than "
-                       f"max_prompt_len={max_len}")
-    tokens[i, max_len - len(ids):] = ids
-    mask[i, max_len - len(ids):] = True
-  return tokens, mask
+  return _pack([prompt_ids(tokenizer, p) for p in prompts], prompts, max_len, tokenizer.pad_id,
+               left=True, what="prompt")
 
 
 def encode_reasoning(tokenizer: Tokenizer, texts: Sequence[str], max_len: int):
   """-> tokens int32 [B, max_len] right-padded, mask bool [B, max_len] (incl. </think>)."""
-  tokens = np.full((len(texts), max_len), tokenizer.pad_id, np.int32)
-  mask = np.zeros((len(texts), max_len), bool)
-  for i, text in enumerate(texts):
-    ids = reasoning_ids(tokenizer, text)
-    if len(ids) > max_len:
-      raise ValueError(f"reasoning {text!r} needs {len(ids)} tokens, more than "
-                       f"max_reasoning_len={max_len}")
-    tokens[i, :len(ids)] = ids
-    mask[i, :len(ids)] = True
-  return tokens, mask
+  return _pack([reasoning_ids(tokenizer, t) for t in texts], texts, max_len, tokenizer.pad_id,
+               left=False, what="reasoning")
 
 
 def decode_reasoning(tokenizer: Tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
