@@ -8,8 +8,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import pytest  # noqa: E402
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long tests, deselected by default (-m slow to run)")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unigrpo_jax.models import KVCache, ModelConfig, UnifiedModel, count_params, get_preset
+from unigrpo_jax.models import KVCache, UnifiedModel, count_params, get_preset
 from unigrpo_jax.models.image import PatchAutoencoder, sincos_2d
 
 TOL = dict(rtol=2e-5, atol=2e-5)

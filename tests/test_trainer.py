@@ -1,5 +1,4 @@
 """The training program end to end on the tiny model: outputs, resume, compiles, bad input."""
-import json
 import os
 import subprocess
 import sys
@@ -174,4 +173,8 @@ def test_config_validation_names_fields():
   c = tiny_config()
   c.objective.regularizer = "l2"
   with pytest.raises(config_validation.ConfigError, match="objective.regularizer"):
+    config_validation.validate(c)
+  c = tiny_config()
+  c.advantage.estimator = "ppo"
+  with pytest.raises(config_validation.ConfigError, match="advantage.estimator"):
     config_validation.validate(c)

@@ -43,6 +43,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
            "velocity_mse, latent_kl, none")
   _require(c.objective.train_text or c.objective.train_image, "objective",
            "train_text and train_image are both False: nothing to train")
+  from unigrpo_jax.rl.advantages import ADVANTAGE_ESTIMATORS
+  _require(c.advantage.estimator in ADVANTAGE_ESTIMATORS, "advantage.estimator",
+           f"{c.advantage.estimator!r} is not one of {sorted(ADVANTAGE_ESTIMATORS)}")
   _require(len(c.rewards) > 0, "rewards", "needs at least one reward name with a weight")
   from unigrpo_jax.rewards import registry
   for name in c.rewards:

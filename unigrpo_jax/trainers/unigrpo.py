@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from unigrpo_jax import checkpointing, parallel
 from unigrpo_jax.data import shapeworld as sw
@@ -28,7 +27,7 @@ from unigrpo_jax.models.image import to_uint8
 from unigrpo_jax.rewards import registry
 from unigrpo_jax.rl import advantages as adv_lib
 from unigrpo_jax.rl.train_step import (ObjectiveConfig, OptimConfig, init_train_state,
-                                       make_train_step, train_state_shardings)
+                                       make_train_step)
 from unigrpo_jax.sampling.rollout import RolloutConfig, make_rollout
 from unigrpo_jax.trainers import grid, setup
 from unigrpo_jax.trainers.evaluate import build_evaluator
@@ -125,7 +124,7 @@ def _flat(tree) -> dict:
 
 
 def _unflat(flat: dict, like):
-  return jax.tree.unflatten(jax.tree.structure(like), [flat[k] for k in sorted(flat)])
+  return jax.tree.unflatten(jax.tree.structure(like), [flat[k] for k in sorted(flat, key=int)])
 
 
 def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
