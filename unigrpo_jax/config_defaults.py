@@ -14,6 +14,7 @@ def base() -> ml_collections.ConfigDict:
   c.init_checkpoint = ""  # a model directory, or package://shapes_sft for the shipped one
   c.tensorboard = True
   c.log_every = 1
+  c.verbose_logs = False  # True: library INFO logs on the console too (always in workdir/log.txt)
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "shapes"  # ignored when init_checkpoint is set (its shapes win)

@@ -33,7 +33,7 @@ from unigrpo_jax.sampling.rollout import RolloutConfig, make_rollout
 from unigrpo_jax.trainers import grid, setup
 from unigrpo_jax.trainers.evaluate import build_evaluator, eval_records
 from unigrpo_jax.trainers.metrics import (CompileCounter, MetricsLogger, Progress,
-                                          truncate_metrics)
+                                          eval_summary, truncate_metrics)
 
 
 class RewardError(RuntimeError):
@@ -238,6 +238,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     metrics["perf/eval_time_s"] = time.time() - t0
     grid.save_png(os.path.join(workdir, f"samples_step_{step:06d}.png"), picture)
     logger.write_images(step, {"samples": picture})
+    if jax.process_index() == 0:
+      print(eval_summary(step, metrics), flush=True)
     return metrics
 
   last = {}
