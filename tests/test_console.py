@@ -86,6 +86,10 @@ def test_console_of_a_tiny_run(tmp_path):
   cfg.write_text(TINY)
   workdir = tmp_path / "work"
   env = dict(os.environ, PYTHONPATH=REPO)
+  # As a user runs it: one CPU device, and JAX probes every backend it knows (where libtpu is
+  # installed, that probing is what prints native TPU start-up errors).
+  for var in ("XLA_FLAGS", "JAX_PLATFORMS"):
+    env.pop(var, None)
   result = subprocess.run([sys.executable, "-m", "unigrpo_jax.main", f"--config={cfg}",
                            f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
