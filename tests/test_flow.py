@@ -1,4 +1,5 @@
 """Tests for unigrpo_jax.sampling.flow: step formulas vs float64 NumPy, marginals, records."""
+import functools
 import math
 
 import jax
@@ -38,11 +39,12 @@ def np_col(a, x):
     return a.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def np_sde_step(x, v, t, tn, eps, a):
+def np_sde_step(x, v, t, tn, eps, a, first):
+    """first: the step is step 0 of its grid (then t' = t_next)."""
     x, v, eps = (np.asarray(z, np.float64) for z in (x, v, eps))
-    t, tn = np_col(t, x), np_col(tn, x)
+    t, tn, first = np_col(t, x), np_col(tn, x), np_col(first, x) > 0
     dt = tn - t
-    tp = np.where(t == 1, tn, t)
+    tp = np.where(first, tn, t)
     std_t = a * np.sqrt(t / (1 - tp))
     mean = x + (v + std_t**2 / (2 * t) * (x + (1 - t) * v)) * dt
     std = std_t * np.sqrt(-dt)
@@ -103,26 +105,29 @@ def _step_cases():
     g = np_grid(10, 3.0)
     B = 5
     return [
-        ("first", 1.0, g[1]),  # t == 1 uses t' = t_next
-        ("middle_scalar", g[4], g[5]),
-        ("last", g[-2], 0.0),  # step to t == 0
-        ("per_row", g[[0, 2, 4, 6, 9]], g[[1, 3, 5, 7, 10]]),  # [B] times incl. t=1 and t_next=0
+        ("first", 1.0, g[1], True),  # the first step uses t' = t_next
+        ("middle_scalar", g[4], g[5], False),
+        ("last", g[-2], 0.0, False),  # step to t == 0
+        # [B] times incl. the first step (t = 1) and t_next = 0
+        ("per_row", g[[0, 2, 4, 6, 9]], g[[1, 3, 5, 7, 10]], [True, False, False, False, False]),
     ], B
 
 
-_jit_sde, _jit_cps = jax.jit(flow.sde_step), jax.jit(flow.cps_step)
+_jit_sde = jax.jit(lambda *a, first: flow.sde_step(*a, first_step=first))
+_jit_cps = jax.jit(flow.cps_step)
 
 
 @pytest.mark.parametrize("a", [0.7, 1.0, 0.3])
 def test_sde_step_matches_numpy(a):
     cases, B = _step_cases()
     x, v, eps = rand((B, 3, 4), 0), rand((B, 3, 4), 1), rand((B, 3, 4), 2)
-    for name, t, tn in cases:
+    for name, t, tn, first in cases:
         xn, mean, std = _jit_sde(x, v, jnp.asarray(t, jnp.float32),
-                                 jnp.asarray(tn, jnp.float32), eps, jnp.float32(a))
+                                 jnp.asarray(tn, jnp.float32), eps, jnp.float32(a),
+                                 first=jnp.asarray(first))
         t32 = np.asarray(t, np.float32).astype(np.float64)  # compare on the float32 grid
         tn32 = np.asarray(tn, np.float32).astype(np.float64)
-        rxn, rmean, rstd = np_sde_step(x, v, t32, tn32, eps, a)
+        rxn, rmean, rstd = np_sde_step(x, v, t32, tn32, eps, a, first)
         assert xn.dtype == jnp.float32 and std.shape == (B, 1, 1), name
         np.testing.assert_allclose(mean, rmean, rtol=1e-5, atol=1e-5, err_msg=name)
         np.testing.assert_allclose(xn, rxn, rtol=1e-5, atol=1e-5, err_msg=name)
@@ -134,14 +139,14 @@ def test_sde_step_matches_numpy(a):
 def test_sde_step_first_step_uses_t_next():
     # At t == 1 the naive t/(1-t) is infinite; the step must be finite and use t' = t_next.
     x, v, eps = rand((2, 8), 0), rand((2, 8), 1), rand((2, 8), 2)
-    _, _, std = flow.sde_step(x, v, 1.0, 0.9, eps, 0.5)
+    _, _, std = flow.sde_step(x, v, 1.0, 0.9, eps, 0.5, first_step=True)
     np.testing.assert_allclose(std[:, 0], 0.5 * math.sqrt(1 / 0.1) * math.sqrt(0.1), rtol=1e-6)
 
 
 def test_sde_step_accepts_low_precision_inputs():
     x, v, eps = rand((2, 8), 0), rand((2, 8), 1), rand((2, 8), 2)
     xn, mean, _ = flow.sde_step(x.astype(jnp.bfloat16), jnp.asarray(v, jnp.bfloat16), 0.5, 0.4,
-                                eps, 0.7)
+                                eps, 0.7, first_step=False)
     assert xn.dtype == jnp.float32 and mean.dtype == jnp.float32
 
 
@@ -151,7 +156,8 @@ def test_noise_level_zero_is_exact_euler(step):
     t = np.asarray([1.0, 0.8, 0.3, 0.05], np.float32)
     tn = np.asarray([0.9, 0.6, 0.1, 0.0], np.float32)
     euler = x + v * (tn - t)[:, None]  # float32 NumPy, no fused multiply-add
-    xn, mean, std = step(x, v, t, tn, eps, 0.0)
+    first = np.arange(4) == 0
+    xn, mean, std = step(x, v, t, tn, eps, 0.0, first_step=first)
     np.testing.assert_array_equal(np.asarray(xn), euler)
     np.testing.assert_array_equal(np.asarray(mean), euler)
     assert np.all(np.asarray(std) == 0)
@@ -159,7 +165,8 @@ def test_noise_level_zero_is_exact_euler(step):
         # A traced a == 0 (no Python branch possible) must still be exactly Euler. Under jit
         # XLA may contract x + v * dt into an FMA, so compare with the jitted Euler step.
         euler_j = jax.jit(lambda x, v, t, tn: x + v * (tn - t)[:, None])(x, v, t, tn)
-        xn_j, mean_j, _ = jax.jit(step)(x, v, t, tn, eps, jnp.float32(0.0))
+        xn_j, mean_j, _ = jax.jit(functools.partial(step, first_step=first))(
+            x, v, t, tn, eps, jnp.float32(0.0))
         np.testing.assert_array_equal(np.asarray(xn_j), np.asarray(euler_j))
         np.testing.assert_array_equal(np.asarray(mean_j), np.asarray(euler_j))
 
@@ -168,7 +175,7 @@ def test_sde_step_finite_values_and_grads_at_edges():
     x, v, eps = rand((3, 5), 0), rand((3, 5), 1), rand((3, 5), 2)
 
     def f(x, v, t, tn):
-        xn, mean, std = flow.sde_step(x, v, t, tn, eps, 0.7)
+        xn, mean, std = flow.sde_step(x, v, t, tn, eps, 0.7, first_step=t == 1.0)
         return jnp.sum(xn) + jnp.sum(mean) + jnp.sum(std)
 
     f_and_grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
@@ -184,7 +191,7 @@ def test_sde_step_finite_values_and_grads_at_edges():
 def test_cps_step_matches_numpy(a):
     cases, B = _step_cases()
     x, v, eps = rand((B, 3, 4), 3), rand((B, 3, 4), 4), rand((B, 3, 4), 5)
-    for name, t, tn in cases:
+    for name, t, tn, _ in cases:
         xn, mean, std = _jit_cps(x, v, jnp.asarray(t, jnp.float32),
                                  jnp.asarray(tn, jnp.float32), eps, jnp.float32(a))
         t32 = np.asarray(t, np.float32).astype(np.float64)
@@ -265,7 +272,7 @@ def test_marginal_tolerances_catch_wrong_correction():
         x = rng.standard_normal(N_ROWS * N_EL)
         for i in range(100):
             t, tn = g[i], g[i + 1]
-            tp = tn if t == 1 else t
+            tp = tn if i == 0 else t
             std_t = 0.7 * np.sqrt(t / (1 - tp))
             v = exact_velocity(x, np.float64(t))
             x = x + (v + factor * std_t**2 / (2 * t) * (x + (1 - t) * v)) * (tn - t)
@@ -316,7 +323,7 @@ def reference_loop(velocity_fn, noise, grid, key, a, starts, size, step_fn):
     def one_step(x, t, tn, i):
         v = velocity_fn(x, jnp.full((B,), t)).astype(jnp.float32)
         eps = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
-        sde_next, mean, std = step_fn(x, v, t, tn, eps, a)
+        sde_next, mean, std = step_fn(x, v, t, tn, eps, a, first_step=i == 0)
         return sde_next, mean, std, flow.step_logprob(sde_next, mean, std), x + v * (tn - t)
 
     for i in range(g.shape[0] - 1):
@@ -366,7 +373,8 @@ def test_sample_flow_records_match_reference_loop(sde_type):
     # On-policy: re-scoring the records with the rollout's own velocity gives ratio 1.
     v = toy_velocity(flat(out.x_t), flat(out.t)).astype(jnp.float32)
     lp, mean, _ = flow.recompute_logprob(flat(out.x_t), v, flat(out.t), flat(out.t_next),
-                                         flat(out.x_next), a, sde_type)
+                                         flat(out.x_next), a, sde_type,
+                                         first_step=flat(out.step_index) == 0)
     np.testing.assert_allclose(mean, flat(out.mean), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(lp.reshape(B, size), out.logp, rtol=1e-6, atol=1e-6)
     # Records chain: the window's x_next of slot j is the x_t of slot j + 1.
@@ -459,3 +467,27 @@ def test_random_window_start():
 def test_random_window_start_bad_args(args):
     with pytest.raises(ValueError):
         flow.random_window_start(fast_key(0), *args)
+
+
+@pytest.mark.parametrize("shift", [0.1, 7.0])
+def test_first_step_rule_is_selected_by_step_index(shift):
+    """t' = t_next on grid step 0 whatever float32 makes of t there: at shift 0.1 the grid starts
+    at 0.99999976, where a ``t == 1`` test kept t' = t and the first std was ~10^3."""
+    n, a, B = 10, 0.8, 3
+    grid = flow.timesteps(n, shift)
+    fn = jax.jit(lambda nz: flow.sample_flow(toy_velocity, nz, grid, fast_key(5), noise_level=a,
+                                             sde_window=(0, 2)))
+    out = fn(jnp.asarray(rand((B, 4, 5), 31)))
+    g = np.asarray(grid).astype(np.float64)
+    first = a * np.sqrt(g[0] / (1 - g[1])) * np.sqrt(g[0] - g[1])
+    second = a * np.sqrt(g[1] / (1 - g[1])) * np.sqrt(g[1] - g[2])
+    np.testing.assert_allclose(out.std[:, 0], first, rtol=1e-5)
+    np.testing.assert_allclose(out.std[:, 1], second, rtol=1e-5)
+    assert 0.5 < first < 1.0  # ~ a sqrt(t): of order 1
+    assert np.all(np.isfinite(np.asarray(out.x0))) and np.abs(np.asarray(out.x0)).max() < 50
+    # The trainer re-scores the first step with the same rule (by recorded index): ratio 1.
+    flat = lambda z: z.reshape((B * 2,) + z.shape[2:])
+    v = toy_velocity(flat(out.x_t), flat(out.t)).astype(jnp.float32)
+    lp, _, std = flow.recompute_logprob(flat(out.x_t), v, flat(out.t), flat(out.t_next),
+                                        flat(out.x_next), a, first_step=flat(out.step_index) == 0)
+    np.testing.assert_allclose(lp.reshape(B, 2), out.logp, rtol=1e-6, atol=1e-6)

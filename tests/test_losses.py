@@ -265,3 +265,42 @@ def test_regularizer_loss():
         losses.regularizer_loss("kl_div", v=v, v_ref=w)
     with pytest.raises(ValueError):
         losses.regularizer_loss("velocity_mse", v=v)
+
+
+@pytest.mark.parametrize("num_steps", [10, 25])
+def test_latent_kl_matches_flow_grpo_float64(num_steps):
+    """The train step's latent KL (losses.latent_kl with flow.kl_std of the RECORDED transition
+    std) equals Flow-GRPO's mean((mu_theta - mu_ref)^2) / (2 std_t^2), std_t = a sqrt(t / (1 - t'))
+    with no dt factor; dividing by the transition std^2 would be 1 / (-dt) = 10-70x larger."""
+    from unigrpo_jax.sampling import flow
+    a, shift = 0.8, 3.0
+    s = np.linspace(1.0, 0.0, num_steps + 1)
+    grid = shift * s / (1 + (shift - 1) * s)  # float64
+    idx = np.array([[0, 1, 2], [2, 3, 4]])  # [B, K] window steps, incl. the first grid step
+    t32 = np.asarray(grid[idx], np.float32)
+    tn32 = np.asarray(grid[idx + 1], np.float32)
+    x = RNG.normal(size=(2 * 3, 5, 2)).astype(np.float32)
+    # The transition std the rollout records ([B, K]).
+    _, _, step_std = jax.jit(flow.sde_step)(x, x, t32.reshape(-1), tn32.reshape(-1),
+                                            np.zeros_like(x), a,
+                                            first_step=idx.reshape(-1) == 0)
+    step_std = np.asarray(step_std).reshape(2, 3)
+    m_theta = RNG.normal(size=(2, 3, 5, 2)).astype(np.float32)
+    m_ref = RNG.normal(size=(2, 3, 5, 2)).astype(np.float32)
+    mask = np.array([[1, 1, 1], [1, 0, 1]], np.float32)
+
+    kl_std = flow.kl_std(step_std, t32, tn32, "sde")
+    loss, m = jax.jit(losses.latent_kl)(m_theta, m_ref, kl_std, mask)
+
+    t, tn = t32.astype(np.float64), tn32.astype(np.float64)
+    t_prime = np.where(idx == 0, tn, t)
+    std_t = a * np.sqrt(t / (1 - t_prime))
+    per = ((m_theta.astype(np.float64) - m_ref) ** 2).reshape(2, 3, -1).mean(-1)
+    want = (per / (2 * std_t**2))[mask > 0].mean()
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(m["latent_kl"], want, rtol=1e-5)
+    # The transition-std version is off by 1 / (-dt) (the old bug): the test can tell them apart.
+    wrong = (per / (2 * step_std.astype(np.float64) ** 2))[mask > 0].mean()
+    assert wrong / want > 5
+    # CPS: the KL divides by the CPS transition std itself.
+    np.testing.assert_array_equal(flow.kl_std(step_std, t32, tn32, "cps"), step_std)

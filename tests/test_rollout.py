@@ -56,7 +56,8 @@ def _packed_forward(graphdef, state, traj, reasoning_mask):
   v = out.velocity
   flat = lambda a: a.reshape(-1, *a.shape[2:])  # [B, K, ...] -> [B*K, ...]: one step per row
   _, mean, std = flow.sde_step(flat(w.x_t), flat(v), flat(w.t), flat(w.t_next),
-                               jnp.zeros_like(flat(w.x_t)), CFG.noise_level)
+                               jnp.zeros_like(flat(w.x_t)), CFG.noise_level,
+                               first_step=flat(w.step_index) == 0)
   logp = flow.step_logprob(flat(w.x_next), mean, std)
   b, k = w.t.shape
   return out.logits, v, mean.reshape(w.mean.shape), std.reshape(b, k), logp.reshape(b, k)

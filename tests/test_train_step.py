@@ -181,8 +181,8 @@ def test_onpolicy_first_epoch(base_run):
   assert m["onpolicy/text_logp_maxdiff"] < 1e-4, m["onpolicy/text_logp_maxdiff"]
   assert m["onpolicy/flow_logp_maxdiff"] < 1e-4, m["onpolicy/flow_logp_maxdiff"]
   for name in ("loss/total", "grad_norm/und", "grad_norm/gen", "text/ratio_mean",
-               "flow/ratio_mean", "flow/velocity_mse", "epoch0/text/ratio_min",
-               "epoch0/flow/clip_frac", "text/approx_kl", "reg/velocity_mse"):
+               "flow/ratio_mean", "flow/velocity_mse", "onpolicy/text/ratio_min",
+               "onpolicy/flow/clip_frac", "text/approx_kl", "reg/velocity_mse"):
     assert np.isfinite(m[name]), name
   assert m["grad_norm/und"] > 0 and m["grad_norm/gen"] > 0
 
@@ -299,3 +299,52 @@ def test_grad_accum_matches(world, base_run):
   got = _leaves(_host(new_state.params))
   for k, v in base_run["params"].items():
     np.testing.assert_allclose(got[k], v, atol=1e-5, rtol=1e-5, err_msg=k)
+
+
+def test_onpolicy_metrics_are_the_first_minibatch_only(world):
+  """With 2 minibatches the second runs after an update: only the first is on-policy, and the
+  ``onpolicy/*`` ratios are exactly that minibatch's (1), while the epoch's are not."""
+  obj = dataclasses.replace(BASE_OBJ, regularizer="none")
+  opt = ts.OptimConfig(lr_und=1e-3, lr_gen=1e-3, ppo_epochs=1, num_minibatches=2)
+  _, _, m = _run(world, _mesh1(), obj, opt)
+  for side in ("text", "flow"):
+    for name in ("ratio_min", "ratio_max", "ratio_mean"):
+      got = m[f"onpolicy/{side}/{name}"]
+      assert abs(got - 1) < 1e-5, (side, name, got)
+    assert m[f"onpolicy/{side}/approx_kl"] < 1e-8
+  # The first epoch includes the post-update minibatch: its ratios are not all 1.
+  assert max(abs(m["text/ratio_max"] - 1), abs(m["text/ratio_min"] - 1)) > 1e-3, m
+  assert not any(k.startswith("epoch0/") for k in m)
+
+
+def test_latent_kl_in_the_loss_matches_flow_grpo(world):
+  """loss_fn's reg/latent_kl against a float64 NumPy Flow-GRPO KL built from the two models'
+  velocities: mean((mu_theta - mu_ref)^2) / (2 a^2 t / (1 - t')), t' = t_next at grid step 0."""
+  graphdef, traj, params = world["graphdef"], world["traj"], world["state"]
+  bump = lambda p, x: (x + 0.2 * jax.random.normal(jax.random.key(8), x.shape, x.dtype)
+                       if "llm2vae" in jax.tree_util.keystr(p) else x)
+  ref = jax.tree_util.tree_map_with_path(bump, params)
+  obj = dataclasses.replace(BASE_OBJ, regularizer="latent_kl")
+
+  def fn(p, r, b, a):
+    lay = ts.context_layout(b.prompt_tokens, b.prompt_mask, b.reasoning_tokens,
+                            b.reasoning_mask, VS, PAD)
+    v = ts._forward(graphdef, p, lay, b.window, obj, compute_logits=False).velocity
+    v_ref = ts._forward(graphdef, r, lay, b.window, obj, compute_logits=False).velocity
+    return ts.loss_fn(p, r, graphdef, b, a, obj)[1]["reg/latent_kl"], v, v_ref
+
+  kl, v, v_ref = _fast_jit(jax.jit(fn), params, ref, traj, world["adv"])
+  w = traj.window
+  x = np.asarray(w.x_t, np.float64)
+  t = np.asarray(w.t, np.float64)[..., None, None]
+  tn = np.asarray(w.t_next, np.float64)[..., None, None]
+  tp = np.where(np.asarray(w.step_index)[..., None, None] == 0, tn, t)
+
+  def mean(vel):
+    vel = np.asarray(vel, np.float64)
+    return x + (vel + NOISE**2 / (2 * (1 - tp)) * (x + (1 - t) * vel)) * (tn - t)
+
+  per = np.mean((mean(v) - mean(v_ref)) ** 2, axis=(2, 3))
+  want = np.mean(per / (2 * NOISE**2 * t[..., 0, 0] / (1 - tp[..., 0, 0])))
+  assert want > 1e-6  # the two models do differ
+  np.testing.assert_allclose(float(kl), want, rtol=1e-4)

@@ -1,4 +1,5 @@
 """The training program end to end on the tiny model: outputs, resume, compiles, bad input."""
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,11 @@ import pytest
 
 from unigrpo_jax import config_defaults, config_validation
 from unigrpo_jax.trainers.metrics import read_metrics
-from unigrpo_jax.trainers.unigrpo import run_train
+from unigrpo_jax.data.pipeline import ShapeWorldSource
+from unigrpo_jax.data.tokenizer import Tokenizer
+from unigrpo_jax.trainers.evaluate import eval_records
+from unigrpo_jax.trainers.unigrpo import (objective_config, prompt_source, rollout_config,
+                                          run_train)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,6 +104,8 @@ def _main(args, workdir):
       "--config.optim.num_minibatches=4"],
      "num_minibatches"),
     (["--config.rollout.window_size=9"], "window_size"),
+    # grad_accum must divide each minibatch: checked by the config, not inside the jitted step.
+    (["--config.optim.num_minibatches=4", "--config.optim.grad_accum=3"], "optim.grad_accum"),
 ])
 def test_bad_input_stops_before_training_and_keeps_the_workdir(tmp_path, args, message):
   keep = tmp_path / "metrics.jsonl"
@@ -109,7 +116,8 @@ def test_bad_input_stops_before_training_and_keeps_the_workdir(tmp_path, args, m
   assert result.returncode != 0
   assert message in result.stderr, result.stderr[-2000:]
   assert keep.read_text() == '{"step": 7}\n'
-  assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+  # Nothing but the log file (library logs and the error's traceback) is added.
+  assert set(os.listdir(tmp_path)) - {"log.txt"} == {"metrics.jsonl"}
 
 
 def test_unreadable_checkpoint_is_named(tmp_path):
@@ -178,3 +186,60 @@ def test_config_validation_names_fields():
   c.advantage.estimator = "ppo"
   with pytest.raises(config_validation.ConfigError, match="advantage.estimator"):
     config_validation.validate(c)
+
+
+def test_config_keys_that_did_nothing_or_failed_late():
+  c = tiny_config()
+  c.rollout.cfg_scale = 3.0  # training rollouts have no CFG: the key must not be a silent no-op
+  with pytest.raises(config_validation.ConfigError, match="rollout.cfg_scale"):
+    config_validation.validate(c)
+  c = tiny_config()  # 4 rollout rows, 2 minibatches of 2: 3 micro-batches cannot divide them
+  c.optim.num_minibatches, c.optim.grad_accum = 2, 3
+  with pytest.raises(config_validation.ConfigError, match="optim.grad_accum"):
+    config_validation.validate(c)
+  c.optim.grad_accum = 2
+  config_validation.validate(c)
+  c = tiny_config()
+  c.data.eval_prompt_file = "/nonexistent/eval.txt"
+  with pytest.raises(config_validation.ConfigError, match="data.eval_prompt_file"):
+    config_validation.validate(c)
+  # window_per_group and the text knobs reach the rollout AND the objective.
+  tok = Tokenizer.for_shapeworld()
+  c = tiny_config()
+  c.rollout.window_per_group = True
+  c.rollout.top_k, c.rollout.top_p, c.rollout.temperature = 7, 0.8, 0.9
+  config_validation.validate(c)
+  r, o = rollout_config(c, tok), objective_config(c, tok)
+  assert r.window_per_group
+  assert (r.temperature, r.top_k, r.top_p, r.vocab_limit) == (0.9, 7, 0.8, tok.vocab_size)
+  assert (o.temperature, o.top_k, o.top_p, o.vocab_limit) == (0.9, 7, 0.8, tok.vocab_size)
+  c.rollout.vocab_limit = 0  # the whole embedding table
+  assert rollout_config(c, tok).vocab_limit == objective_config(c, tok).vocab_limit == 0
+
+
+def _json_line(record):
+  return json.dumps({"prompt": record["prompt"], "spec": json.loads(record["spec"])})
+
+
+def test_eval_prompt_file_is_used_and_must_be_held_out(tmp_path):
+  tok = Tokenizer.for_shapeworld()
+  train = tmp_path / "train.txt"
+  train.write_text("a red circle\na blue square\n")
+  held = tmp_path / "eval.txt"
+  held.write_text("a green triangle\n")
+  c = tiny_config()
+  c.data.prompt_file, c.data.eval_prompt_file = str(train), str(held)
+  records = eval_records(c, tok)
+  assert [r["prompt"] for r in records] == ["a green triangle"]
+  assert len(prompt_source(c, tok, records)) == 2
+  # An evaluation prompt that is also a training prompt (up to case and spacing) is named.
+  held.write_text("a green triangle\nA  Blue square\n")
+  with pytest.raises(ValueError, match="'A  Blue square'.*also a training prompt"):
+    prompt_source(c, tok, eval_records(c, tok))
+  # Without an eval file the ShapeWorld test split is checked against the prompt file too.
+  c.data.eval_prompt_file = ""
+  test_record = ShapeWorldSource("test", c.data.eval_tasks)[1]
+  train.write_text("a red circle\n" + _json_line(test_record) + "\n")
+  with pytest.raises(ValueError, match="ShapeWorld test split"):
+    run_train(c, str(tmp_path / "work"))  # before any compile or file is written
+  assert not (tmp_path / "work").exists()

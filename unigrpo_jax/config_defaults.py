@@ -14,6 +14,7 @@ def base() -> ml_collections.ConfigDict:
   c.init_checkpoint = ""  # a model directory, or package://shapes_sft for the shipped one
   c.tensorboard = True
   c.log_every = 1
+  c.verbose_logs = False  # True: library INFO logs on the console too (always in workdir/log.txt)
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "shapes"  # ignored when init_checkpoint is set (its shapes win)
@@ -25,6 +26,9 @@ def base() -> ml_collections.ConfigDict:
   c.data.prompt_file = ""  # optional: one prompt (or JSON {prompt, spec}) per line
   c.data.train_tasks = 100_000  # size of the ShapeWorld train split used
   c.data.eval_tasks = 64  # prompts of the held-out test split used by evaluation
+  # optional: evaluation prompts (prompt_file's format) instead of the ShapeWorld test split;
+  # training refuses to start if any of them is also a training prompt
+  c.data.eval_prompt_file = ""
   c.data.max_prompt_len = 32
 
   c.rollout = ml_collections.ConfigDict()
@@ -34,13 +38,19 @@ def base() -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0  # [paper]
   c.rollout.top_k = 0
   c.rollout.top_p = 1.0
+  # Ids >= vocab_limit are never sampled nor scored. -1: the tokenizer's vocabulary size (the
+  # shipped warm start's table has 192 rows for 78 words); 0: the whole embedding table.
+  c.rollout.vocab_limit = -1
   c.rollout.num_steps = 10  # [paper: 25]
   c.rollout.shift = 3.0  # [paper]
   c.rollout.noise_level = 0.8  # [paper]
   c.rollout.window_range = (0, 5)  # [paper]
   c.rollout.window_size = 3  # [paper]
+  c.rollout.window_per_group = False  # [ours] one window start per group instead of per row
   c.rollout.sde_type = "sde"
-  c.rollout.cfg_scale = 1.0  # classifier-free guidance in TRAINING rollouts: 1 = none [paper]
+  # Training rollouts use no classifier-free guidance [paper]; only 1.0 is accepted (the key is
+  # kept so that setting it fails loudly; evaluation's guidance is eval.cfg_scale).
+  c.rollout.cfg_scale = 1.0
 
   c.advantage = ml_collections.ConfigDict()
   c.advantage.estimator = "grpo"  # grpo | dr_grpo | batch_std

@@ -1,6 +1,8 @@
 """Checks a config before anything expensive runs; errors name the field."""
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 MODES = ("train", "sft", "eval", "sample")
@@ -35,9 +37,28 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(r.temperature > 0, "rollout.temperature", "must be > 0")
   _require(r.noise_level >= 0, "rollout.noise_level", "must be >= 0")
   _require(r.sde_type in ("sde", "cps"), "rollout.sde_type", f"{r.sde_type!r} not in sde, cps")
+  _require(isinstance(r.vocab_limit, int) and r.vocab_limit >= -1, "rollout.vocab_limit",
+           f"must be -1 (the tokenizer's vocabulary), 0 (the whole table) or a positive int, "
+           f"got {r.vocab_limit!r}")
+  _require(r.cfg_scale == 1.0, "rollout.cfg_scale",
+           f"{r.cfg_scale!r}: training rollouts sample without classifier-free guidance (the "
+           "paper's setting; nothing reads this key); use eval.cfg_scale for evaluation")
+  _require(isinstance(r.window_per_group, bool), "rollout.window_per_group",
+           f"must be True or False, got {r.window_per_group!r}")
+  o = c.optim
+  for field in ("ppo_epochs", "num_minibatches", "grad_accum"):
+    _require(isinstance(o[field], int) and o[field] > 0, f"optim.{field}",
+             f"must be a positive integer, got {o[field]!r}")
   batch = r.prompts_per_batch * r.group_size
-  _require(batch % c.optim.num_minibatches == 0, "optim.num_minibatches",
-           f"{c.optim.num_minibatches} does not divide the rollout batch {batch}")
+  _require(batch % o.num_minibatches == 0, "optim.num_minibatches",
+           f"{o.num_minibatches} does not divide the rollout batch {batch}")
+  _require(batch % (o.num_minibatches * o.grad_accum) == 0, "optim.grad_accum",
+           f"{o.grad_accum} micro-batches do not divide a minibatch of "
+           f"{batch // o.num_minibatches} rows (rollout batch {batch} / num_minibatches "
+           f"{o.num_minibatches})")
+  for field in ("prompt_file", "eval_prompt_file"):
+    path = c.data[field]
+    _require(not path or os.path.isfile(path), f"data.{field}", f"{path!r} is not a file")
   _require(c.objective.regularizer in ("velocity_mse", "latent_kl", "none"),
            "objective.regularizer", f"{c.objective.regularizer!r} is not one of "
            "velocity_mse, latent_kl, none")

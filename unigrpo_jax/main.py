@@ -2,6 +2,8 @@
 
 Flags: ``--config`` (a configs/*.py file; override keys with ``--config.key=value``) and
 ``--workdir``. ``config.mode`` picks the job: train (UniGRPO), sft, eval or sample.
+The console shows progress, evaluation summaries, warnings and errors; library INFO logs go to
+``<workdir>/log.txt`` (``--config.verbose_logs=True`` shows them on the console too).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  from unigrpo_jax import config_validation
+  from unigrpo_jax import config_validation, console
   from unigrpo_jax.trainers import run
 
   config = _CONFIG.value
@@ -30,7 +32,8 @@ def main(argv):
     sys.exit(f"error: bad config: {e}")
   os.makedirs(_WORKDIR.value, exist_ok=True)
   try:
-    run.run(config, _WORKDIR.value)
+    with console.route_logs(_WORKDIR.value, verbose=config.verbose_logs):
+      run.run(config, _WORKDIR.value)
   except (ValueError, RuntimeError) as e:
     # Bad input (checkpoint, prompt file, rewards) and stopped runs: one clear line, exit 1.
     # Anything else keeps its traceback.

@@ -29,9 +29,14 @@ TEST_PERCENT = 15
 _SEED_SALT = 0x5A17  # keeps these seeds apart from sample_tasks(n, seed) streams
 
 
+def normalize_prompt(prompt: str) -> str:
+  """Lowercased, whitespace-collapsed prompt: two prompts are "the same" iff these are equal."""
+  return " ".join(prompt.lower().split())
+
+
 def split_of_prompt(prompt: str) -> str:
   """'test' or 'train', a stable function of the (whitespace-normalised) prompt."""
-  norm = " ".join(prompt.lower().split()).encode()
+  norm = normalize_prompt(prompt).encode()
   bucket = int.from_bytes(hashlib.sha256(norm).digest()[:8], "big") % 100
   return "test" if bucket < TEST_PERCENT else "train"
 

@@ -187,7 +187,8 @@ def latent_kl(mean_theta, mean_ref, std, mask=None):
 
     Args:
       mean_theta, mean_ref: [B, K, ...] step means (mean_ref gradient stopped).
-      std: [B, K] transition std (> 0).
+      std: [B, K] (> 0) Flow-GRPO's KL scale ``flow.kl_std``: the SDE's ``std_t =
+        a sqrt(t / (1 - t'))``, not the transition std ``std_t sqrt(-dt)`` (CPS: ``s``).
       mask: optional [B, K].
     Returns: (loss, {"latent_kl": loss}) with loss the mean over valid (row, step).
     """
@@ -206,7 +207,8 @@ REGULARIZERS = ("velocity_mse", "latent_kl", "none")
 def regularizer_loss(kind: str, *, v=None, v_ref=None, mean_theta=None, mean_ref=None, std=None,
                      mask=None):
     """Selects the flow regulariser by name: "velocity_mse" (v, v_ref), "latent_kl"
-    (mean_theta, mean_ref, std) or "none" (returns 0). Returns (loss, metrics)."""
+    (mean_theta, mean_ref, std = ``flow.kl_std``, see ``latent_kl``) or "none" (returns 0).
+    Returns (loss, metrics)."""
     if kind == "none":
         return jnp.float32(0.0), {}
     if kind == "velocity_mse":

@@ -32,8 +32,9 @@ from jax.sharding import Mesh
 from unigrpo_jax import parallel
 from unigrpo_jax.rl import losses
 from unigrpo_jax.rl.optim import GEN, UND, make_optimizer, side_norms
-from unigrpo_jax.sampling import flow
-from unigrpo_jax.sampling.trajectory import Trajectory, context_layout, token_logprobs
+from unigrpo_jax.sampling import distribution, flow
+from unigrpo_jax.sampling.distribution import token_logprobs
+from unigrpo_jax.sampling.trajectory import Trajectory, context_layout
 
 ClipRange = Union[float, tuple[float, float]]
 _STEP_FNS = {"sde": flow.sde_step, "cps": flow.cps_step}
@@ -62,8 +63,9 @@ class ObjectiveConfig:
   stop_context_grad: the flow loss does not reach the text policy through the context [ours].
   train_text / train_image: False freezes that side (its params stay bit-identical) and drops
     its loss terms from the objective.
-  temperature: of the text log-probs (must equal the sampler's). noise_level / sde_type: the
-    rollout's SDE (must equal the rollout's, else the first-epoch ratio is not 1).
+  temperature / top_k / top_p / vocab_limit: the text sampling distribution
+    (``distribution.masked_logits``); must equal the rollout's, else the first-epoch text ratio
+    is not 1. noise_level / sde_type: the rollout's SDE (must equal the rollout's likewise).
   """
   vision_start_id: int
   pad_id: int = 0
@@ -80,6 +82,9 @@ class ObjectiveConfig:
   train_text: bool = True
   train_image: bool = True
   temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  vocab_limit: int = 0
   noise_level: float = 0.8
   sde_type: str = "sde"
 
@@ -102,11 +107,16 @@ class ObjectiveConfig:
     for name in ("text_kl_coef", "flow_weight", "reg_weight", "noise_level"):
       if getattr(self, name) < 0:
         raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}")
-    if not self.temperature > 0:
-      raise ValueError(f"ObjectiveConfig.temperature must be > 0, got {self.temperature}")
+    distribution.check_knobs("ObjectiveConfig", temperature=self.temperature, top_k=self.top_k,
+                             top_p=self.top_p, vocab_limit=self.vocab_limit)
     if not (self.train_text or self.train_image):
       raise ValueError("ObjectiveConfig.train_text and train_image are both False: nothing "
                        "to train")
+
+  def text_logprobs(self, logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log pi(targets) under the rollout's text distribution: [B, L, V], [B, L] -> [B, L]."""
+    return token_logprobs(logits, targets, self.temperature, top_k=self.top_k, top_p=self.top_p,
+                          vocab_limit=self.vocab_limit)
 
   @property
   def needs_reference(self) -> bool:
@@ -173,12 +183,15 @@ def _window_mask(window) -> jax.Array:
   return ((window.step_index >= 0) & (window.std > 0)).astype(jnp.float32)
 
 
-def _step_means(step_fn, x_t, v, t, t_next, noise_level) -> jax.Array:
-  """Mean of the step's Gaussian under velocity v: [B, K, N, Dl] (the rollout's formula)."""
-  b, k = t.shape
+def _step_means(step_fn, window, v, noise_level) -> jax.Array:
+  """Mean of each window step's Gaussian under velocity v [B, K, N, Dl] -> [B, K, N, Dl] (the
+  rollout's formula; its first-step rule is selected by the recorded step index)."""
+  x_t = window.x_t
+  b, k = window.t.shape
   flat = lambda a: a.reshape((b * k,) + a.shape[2:])
-  _, mean, _ = step_fn(flat(x_t), flat(v), flat(t), flat(t_next), jnp.zeros_like(flat(x_t)),
-                       noise_level)
+  _, mean, _ = step_fn(flat(x_t), flat(v), flat(window.t), flat(window.t_next),
+                       jnp.zeros_like(flat(x_t)), noise_level,
+                       first_step=flat(window.step_index == 0))
   return mean.reshape(x_t.shape)
 
 
@@ -203,11 +216,11 @@ def _policy_terms(params, graphdef, batch: Trajectory, layout, cfg: ObjectiveCon
                      "reasoning token)")
   out = _forward(graphdef, params, layout, window, cfg, compute_logits=True)
   # Reasoning token t (slot P + t) is predicted by the logits at slot P + t - 1.
-  logp = token_logprobs(out.logits[:, p_slots - 1:p_slots + t_slots - 1],
-                        batch.reasoning_tokens, cfg.temperature)
+  logp = cfg.text_logprobs(out.logits[:, p_slots - 1:p_slots + t_slots - 1],
+                          batch.reasoning_tokens)
   flow_mask = _window_mask(window)
   v = out.velocity  # [B, K, N, Dl] f32
-  mean_theta = _step_means(step_fn, window.x_t, v, window.t, window.t_next, cfg.noise_level)
+  mean_theta = _step_means(step_fn, window, v, cfg.noise_level)
   # The recorded std depends only on (t, t_next, a); masked slots get 1 so nothing divides by 0
   # (their values are discarded, but 0 * inf in the backward pass would still give NaN).
   std = jnp.where(flow_mask > 0, window.std, 1.0)
@@ -270,8 +283,8 @@ def loss_fn(params: nnx.State, ref_params: Optional[nnx.State], graphdef: nnx.Gr
                                              compute_logits=cfg.text_kl_coef > 0))
   ref_logp = None
   if cfg.text_kl_coef > 0:
-    ref_logp = token_logprobs(ref_out.logits[:, p_slots - 1:p_slots + t_slots - 1],
-                              batch.reasoning_tokens, cfg.temperature)
+    ref_logp = cfg.text_logprobs(ref_out.logits[:, p_slots - 1:p_slots + t_slots - 1],
+                                 batch.reasoning_tokens)
 
   text_loss, text_m = losses.text_grpo_loss(
       logp, batch.reasoning_logp, adv, text_mask, cfg.text_clip,
@@ -287,11 +300,10 @@ def loss_fn(params: nnx.State, ref_params: Optional[nnx.State], graphdef: nnx.Gr
     v_ref = ref_out.velocity
     mean_ref = None
     if cfg.regularizer == "latent_kl":
-      mean_ref = _step_means(step_fn, window.x_t, v_ref, window.t, window.t_next,
-                             cfg.noise_level)
-    reg, reg_m = losses.regularizer_loss(cfg.regularizer, v=v, v_ref=v_ref,
-                                         mean_theta=mean_theta, mean_ref=mean_ref, std=std,
-                                         mask=flow_mask)
+      mean_ref = _step_means(step_fn, window, v_ref, cfg.noise_level)
+    reg, reg_m = losses.regularizer_loss(
+        cfg.regularizer, v=v, v_ref=v_ref, mean_theta=mean_theta, mean_ref=mean_ref,
+        std=flow.kl_std(std, window.t, window.t_next, cfg.sde_type), mask=flow_mask)
     metrics.update(_prefix("reg", reg_m))
     metrics["flow/velocity_mse"] = jax.lax.stop_gradient(
         losses.velocity_mse(v, v_ref, flow_mask)[0])
@@ -393,10 +405,11 @@ def make_train_step(graphdef: nnx.GraphDef, abstract_params: nnx.State,
     ``num_minibatches * grad_accum``), ``key`` a PRNG key (minibatch shuffles). It returns
     ``(new_train_state, metrics)``; metrics (all [] f32) are the ``loss_fn`` metrics reduced
     over every (epoch, minibatch) iteration (mean; min for ``*_min``, max for ``*_max``),
-    ``epoch0/text/*`` and ``epoch0/flow/*`` over the first epoch only,
-    ``onpolicy/{text,flow}_logp_maxdiff`` of the FIRST minibatch of the first epoch (before any
-    update: with the rollout params it must be ~0), and ``grad_norm/{und,gen,total}`` (raw, before
-    clipping, mean over iterations).
+    ``onpolicy/text/*``, ``onpolicy/flow/*`` and ``onpolicy/{text,flow}_logp_maxdiff`` of the
+    FIRST minibatch of the first epoch only (before any update, so with the rollout params the
+    ratios must be 1 and the maxdiffs ~0; later minibatches of the same epoch run after an
+    update and would not test that), and ``grad_norm/{und,gen,total}`` (raw, before clipping,
+    mean over iterations).
   """
   shardings = train_state_shardings(abstract_params, objective_cfg, optim_cfg, mesh, rules)
   tx = make_optimizer(optim_cfg, objective_cfg)
@@ -472,11 +485,11 @@ def make_train_step(graphdef: nnx.GraphDef, abstract_params: nnx.State,
 
     (param_part, opt_state), metrics = jax.lax.scan(
         epoch_body, (param_part, state.opt_state), jnp.arange(epochs))
-    # metrics: name -> [epochs, num_minibatches]
+    # metrics: name -> [epochs, num_minibatches]; [0, 0] is the only pre-update minibatch.
     out = _reduce(metrics)
     for name, val in metrics.items():
       if name.startswith(("text/", "flow/")):
-        out[f"epoch0/{name}"] = _reducer(name)(val[0])
+        out[f"onpolicy/{name}"] = val[0, 0]
       if name.startswith("onpolicy/"):
         out[name] = val[0, 0]
     new_state = TrainState(params=nnx.merge_state(param_part, rest), opt_state=opt_state,

@@ -29,7 +29,9 @@ _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 def timesteps(num_steps: int, shift: float) -> Array:
     """Shifted descending grid ``t' = shift s / (1 + (shift - 1) s)``, ``s = linspace(1, 0)``.
 
-    Returns float32 [num_steps + 1], from exactly 1.0 down to exactly 0.0.
+    Returns float32 [num_steps + 1], descending from 1.0 to exactly 0.0. The first entry is 1
+    only up to float32 rounding (0.99999976 at shift 0.1), so nothing may test ``t == 1``: the
+    SDE's first-step rule is selected by step index (``sde_step(first_step=...)``).
     """
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
@@ -67,15 +69,19 @@ def _safe_sqrt(a: Array) -> Array:
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, a, 1.0)), 0.0)
 
 
-def sde_step(x, v, t, t_next, noise, noise_level):
+def sde_step(x, v, t, t_next, noise, noise_level, *, first_step):
     """One Flow-GRPO Euler-Maruyama step of the marginal-preserving reverse SDE.
 
-    ``std_t = a sqrt(t / (1 - t'))`` with ``t' = t`` except ``t' = t_next`` where ``t == 1``;
+    ``std_t = a sqrt(t / (1 - t'))`` with ``t' = t``, except on the first step of the grid
+    (``first_step``), where ``t = 1`` makes ``t / (1 - t)`` infinite and ``t' = t_next``;
     ``mean = x + [v + std_t^2 / (2 t) (x + (1 - t) v)] dt``; ``x_next = mean + std_t sqrt(-dt) eps``.
 
     Args:
       x, v, noise: [B, ...] state, velocity and standard-normal noise (cast to float32).
       t, t_next: scalars or [B]; ``t_next < t``.
+      first_step: bool scalar or [B]: the step is step 0 of its time grid. Selected by index,
+        not by ``t == 1``: the float32 grid starts slightly below 1 for some shifts, and the
+        float test then gave a first-step std of ~900 instead of ~a.
       noise_level: ``a``, a Python float or a traced scalar. ``a == 0`` gives exactly the Euler
         step ``x + v (t_next - t)`` (bit for bit as computed in the same program: under jit XLA
         may fuse ``x + v dt`` into an FMA, identically for both).
@@ -94,7 +100,8 @@ def sde_step(x, v, t, t_next, noise, noise_level):
         return euler, euler, jnp.zeros_like(t)
 
     a = jnp.asarray(noise_level, jnp.float32)
-    t_prime = jnp.where(t == 1.0, t_next, t)
+    first = _batch_col(jnp.asarray(first_step, jnp.float32), x) > 0
+    t_prime = jnp.where(first, t_next, t)
     one_minus = 1.0 - t_prime
     # Guard 1 - t' == 0 (only a degenerate t == t_next == 1 step could hit it).
     safe_one_minus = jnp.where(one_minus > 0, one_minus, 1.0)
@@ -109,16 +116,18 @@ def sde_step(x, v, t, t_next, noise, noise_level):
     return x_next, mean, std
 
 
-def cps_step(x, v, t, t_next, noise, noise_level):
+def cps_step(x, v, t, t_next, noise, noise_level, *, first_step=False):
     """One coefficient-preserving (CPS) step.
 
     ``s = t_next sin(a pi / 2)``, ``x0_hat = x - t v``, ``x1_hat = x + (1 - t) v``,
     ``mean = (1 - t_next) x0_hat + sqrt(t_next^2 - s^2) x1_hat``, ``x_next = mean + s eps``.
 
-    Shapes as ``sde_step``; returns ``(x_next, mean, std [B, 1, ..., 1])`` with ``std = s``.
+    Shapes as ``sde_step`` (``first_step`` is accepted for a common signature and unused);
+    returns ``(x_next, mean, std [B, 1, ..., 1])`` with ``std = s``.
     Note ``std == 0`` at ``t_next == 0``: the final step is deterministic under CPS.
     ``a == 0`` (Python float) returns the Euler step exactly.
     """
+    del first_step
     x = jnp.asarray(x, jnp.float32)
     v = jnp.asarray(v, jnp.float32)
     noise = jnp.asarray(noise, jnp.float32)
@@ -155,19 +164,41 @@ def step_logprob(x_next, mean, std) -> Array:
 _STEP_FNS = {"sde": sde_step, "cps": cps_step}
 
 
-def recompute_logprob(x_t, v, t, t_next, x_next, noise_level, sde_type: str = "sde"):
+def kl_std(step_std, t, t_next, sde_type: str = "sde") -> Array:
+    """The std Flow-GRPO's latent KL divides by, from a step's transition std.
+
+    Flow-GRPO's KL is ``mean((mu_theta - mu_ref)^2) / (2 sigma^2)`` with sigma the SDE's
+    diffusion coefficient ``std_t = a sqrt(t / (1 - t'))`` (sde), NOT the transition std
+    ``std_t sqrt(-dt)`` (using that made the KL ``1 / (-dt)`` = 15-73x stronger at 10-25 steps).
+    For CPS it is the transition std ``s`` itself.
+    Args: step_std, t, t_next: [...] (same shape; ``t_next < t`` where step_std > 0).
+    Returns: float32 [...]; 1 where ``-dt <= 0`` (unused slots) so that nothing divides by 0.
+    """
+    if sde_type not in _STEP_FNS:
+        raise ValueError(f"sde_type must be one of {sorted(_STEP_FNS)}, got {sde_type!r}")
+    step_std = jnp.asarray(step_std, jnp.float32)
+    if sde_type == "cps":
+        return step_std
+    neg_dt = jnp.asarray(t, jnp.float32) - jnp.asarray(t_next, jnp.float32)
+    return jnp.where(neg_dt > 0, step_std / jnp.sqrt(jnp.where(neg_dt > 0, neg_dt, 1.0)), 1.0)
+
+
+def recompute_logprob(x_t, v, t, t_next, x_next, noise_level, sde_type: str = "sde", *,
+                      first_step):
     """Trainer side: log-prob of a recorded transition under a new velocity ``v``.
 
     Rebuilds the step's Gaussian with the same formula the sampler used (``sde_step`` or
     ``cps_step``; the mean does not depend on the noise), so with the rollout's own velocity
     the ratio is 1 up to float rounding.
-    Args: x_t, v, x_next [B, ...]; t, t_next scalars or [B].
+    Args: x_t, v, x_next [B, ...]; t, t_next scalars or [B]; first_step: bool scalar or [B]
+      (the recorded ``step_index == 0``).
     Returns: ``(logp [B], mean [B, ...], std [B, 1, ..., 1])``.
     """
     if sde_type not in _STEP_FNS:
         raise ValueError(f"sde_type must be one of {sorted(_STEP_FNS)}, got {sde_type!r}")
     x_t = jnp.asarray(x_t, jnp.float32)
-    _, mean, std = _STEP_FNS[sde_type](x_t, v, t, t_next, jnp.zeros_like(x_t), noise_level)
+    _, mean, std = _STEP_FNS[sde_type](x_t, v, t, t_next, jnp.zeros_like(x_t), noise_level,
+                                       first_step=first_step)
     return step_logprob(x_next, mean, std), mean, std
 
 
@@ -258,7 +289,7 @@ def sample_flow(
         v = velocity_fn(x, jnp.full((batch,), t, jnp.float32)).astype(jnp.float32)
         eps = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
         ode = _euler(x, v, t_next - t)
-        sde_next, mean, std = step_fn(x, v, t, t_next, eps, noise_level)
+        sde_next, mean, std = step_fn(x, v, t, t_next, eps, noise_level, first_step=i == 0)
         in_win = (i >= start) & (i < start + size)  # [B]
         x_new = jnp.where(_expand(in_win, x.ndim), sde_next, ode)
         logp = step_logprob(sde_next, mean, std)

@@ -29,7 +29,9 @@ class RolloutConfig:
   """Static knobs of a rollout (defaults: PAPER.md section 7).
 
   group_size: G rows per prompt. max_reasoning_len: T reasoning slots. temperature / top_k /
-  top_p: text sampling (top_k 0 and top_p 1 disable). num_steps / shift: flow time grid.
+  top_p / vocab_limit: text sampling (top_k 0, top_p 1 and vocab_limit 0 disable; see
+  ``distribution``; the train step's ObjectiveConfig must get the same values).
+  num_steps / shift: flow time grid.
   noise_level: SDE ``a``. window_range / window_size: the stochastic window lies in steps
   [lo, hi); its start is drawn per row (or per group with window_per_group). sde_type: "sde"|"cps".
   """
@@ -41,6 +43,7 @@ class RolloutConfig:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  vocab_limit: int = 0
   num_steps: int = 25
   shift: float = 3.0
   noise_level: float = 0.8
@@ -64,6 +67,10 @@ class RolloutConfig:
       bad("top_k", "must be >= 0")
     if not 0 < self.top_p <= 1:
       bad("top_p", "must be in (0, 1]")
+    if not isinstance(self.vocab_limit, int) or self.vocab_limit < 0:
+      bad("vocab_limit", "must be an int >= 0 (0 = the whole embedding table)")
+    if self.vocab_limit and self.stop_id >= self.vocab_limit:
+      bad("vocab_limit", f"must exceed stop_id={self.stop_id} (else the reasoning never stops)")
     if not self.shift > 0:
       bad("shift", "must be > 0")
     if not self.noise_level > 0:
@@ -85,7 +92,8 @@ class RolloutConfig:
   def sampling(self) -> text.SamplingConfig:
     return text.SamplingConfig(max_len=self.max_reasoning_len, stop_id=self.stop_id,
                                pad_id=self.pad_id, temperature=self.temperature,
-                               top_k=self.top_k, top_p=self.top_p)
+                               top_k=self.top_k, top_p=self.top_p,
+                               vocab_limit=self.vocab_limit)
 
 
 def _repeat_rows(tree, g: int):

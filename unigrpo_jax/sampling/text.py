@@ -20,15 +20,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unigrpo_jax.models.unified import KVCache, UnifiedModel
-from unigrpo_jax.sampling.trajectory import prompt_positions, token_logprobs
+from unigrpo_jax.sampling import distribution
+from unigrpo_jax.sampling.trajectory import prompt_positions
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
   """Static sampling knobs (hashable: part of the compiled function, not of its inputs).
 
-  max_len: T, reasoning slots. temperature > 0; top_k = 0 disables; top_p = 1 disables.
-  greedy: argmax; the recorded logp is then the temperature-1 full-softmax log-prob.
+  max_len: T, reasoning slots. temperature > 0; top_k = 0 disables; top_p = 1 disables;
+  vocab_limit: ids >= it are never sampled (0 = the whole table). The distribution these define
+  is ``distribution.masked_logits`` (the train step rescores with the same function).
+  greedy: argmax over ids < vocab_limit; the recorded logp is then the temperature-1 log-prob
+  over those ids (no top-k / top-p).
   """
   max_len: int
   stop_id: int
@@ -36,20 +40,20 @@ class SamplingConfig:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  vocab_limit: int = 0
   greedy: bool = False
 
   def __post_init__(self):
     if self.max_len < 1:
       raise ValueError(f"SamplingConfig.max_len must be >= 1, got {self.max_len}")
-    if not self.temperature > 0:
-      raise ValueError(f"SamplingConfig.temperature must be > 0, got {self.temperature}")
-    if self.top_k < 0:
-      raise ValueError(f"SamplingConfig.top_k must be >= 0, got {self.top_k}")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+    distribution.check_knobs("SamplingConfig", temperature=self.temperature, top_k=self.top_k,
+                             top_p=self.top_p, vocab_limit=self.vocab_limit)
     for name in ("stop_id", "pad_id"):
       if getattr(self, name) < 0:
         raise ValueError(f"SamplingConfig.{name} must be >= 0, got {getattr(self, name)}")
+    if self.vocab_limit and self.stop_id >= self.vocab_limit:
+      raise ValueError(f"SamplingConfig.stop_id={self.stop_id} is >= vocab_limit="
+                       f"{self.vocab_limit}: the stop token could never be sampled")
 
 
 @flax.struct.dataclass
@@ -102,46 +106,23 @@ def prefill(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask: jax.Arra
   return cache, out.logits[:, -1]
 
 
-def filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
-  """[B, V] raw logits -> [B, V] float32 logits of the distribution sampled from.
-
-  Temperature first, then top-k and top-p (nucleus) as -inf masks; the top token always survives.
-  """
-  x = logits.astype(jnp.float32)
-  if cfg.temperature != 1.0:
-    x = x / cfg.temperature
-  if cfg.top_k > 0 and cfg.top_k < x.shape[-1]:
-    kth = jax.lax.top_k(x, cfg.top_k)[0][:, -1:]
-    x = jnp.where(x < kth, -jnp.inf, x)
-  if cfg.top_p < 1.0:
-    sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_x, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    # Keep the smallest prefix whose mass reaches top_p: tokens whose preceding mass is < top_p.
-    keep = mass_before < cfg.top_p
-    threshold = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
-    x = jnp.where(x < threshold, -jnp.inf, x)
-  return x
-
-
 def select_token(logits: jax.Array, key: jax.Array,
                  cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
   """Samples one token per row: logits [B, V] -> (token [B] int32, logp [B] float32).
 
-  logp is the log-prob under the distribution actually sampled from (the one-definition
-  ``token_logprobs``); for greedy it is the temperature-1 full-softmax log-prob.
+  logp is the log-prob under the distribution actually sampled from,
+  ``distribution.sampling_log_probs`` (the train step's ``token_logprobs`` scores with the same
+  function); for greedy, the temperature-1 log-prob over the ids below ``vocab_limit``.
   """
   if cfg.greedy:
-    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return tok, token_logprobs(logits[:, None], tok[:, None])[:, 0]
-  filtered = filter_logits(logits, cfg)
-  tok = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-  if cfg.top_k == 0 and cfg.top_p == 1.0:
-    # Same expression the train step evaluates: log_softmax(logits / temperature).
-    logp = token_logprobs(logits[:, None], tok[:, None], cfg.temperature)[:, 0]
+    masked = distribution.masked_logits(logits, vocab_limit=cfg.vocab_limit)
+    tok = jnp.argmax(masked, axis=-1).astype(jnp.int32)
   else:
-    logp = token_logprobs(filtered[:, None], tok[:, None])[:, 0]
-  return tok, logp
+    masked = distribution.masked_logits(logits, temperature=cfg.temperature, top_k=cfg.top_k,
+                                        top_p=cfg.top_p, vocab_limit=cfg.vocab_limit)
+    tok = jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+  logp = jax.nn.log_softmax(masked, axis=-1)
+  return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
 
 def init_decode_state(cache: KVCache, last_logits: jax.Array, prompt_mask: jax.Array,

@@ -12,11 +12,13 @@ token shares position p + r + 1.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+# The one definition of a token log-prob (sampler and train step), re-exported for callers here.
+from unigrpo_jax.sampling.distribution import token_logprobs  # noqa: F401
 
 
 @flax.struct.dataclass
@@ -102,16 +104,3 @@ def context_layout(prompt_tokens: jax.Array, prompt_mask: jax.Array,
 def reasoning_slice(prompt_len_slots: int, reasoning_len_slots: int) -> slice:
   """Slots of the reasoning tokens in the context layout (static)."""
   return slice(prompt_len_slots, prompt_len_slots + reasoning_len_slots)
-
-
-def token_logprobs(logits: jax.Array, targets: jax.Array,
-                   temperature: Optional[float] = None) -> jax.Array:
-  """log softmax(logits / temperature)[targets]: logits [B, L, V], targets [B, L] -> [B, L] f32.
-
-  The one definition of a token log-prob, used by the sampler and by the train step.
-  """
-  logits = logits.astype(jnp.float32)
-  if temperature is not None and temperature != 1.0:
-    logits = logits / temperature
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]

@@ -1,5 +1,6 @@
-"""Evaluation on the held-out test split: ODE sampling (optional CFG), reward, per-category
-accuracy, reasoning accuracy, and a sample grid. Also the ``eval`` and ``sample`` modes."""
+"""Evaluation on held-out prompts (``data.eval_prompt_file``, else the ShapeWorld test split):
+ODE sampling (optional CFG), reward, per-category accuracy, reasoning accuracy, and a sample
+grid. Also the ``eval`` and ``sample`` modes."""
 from __future__ import annotations
 
 import collections
@@ -13,7 +14,7 @@ from flax import nnx
 
 from unigrpo_jax.data import shapeworld as sw
 from unigrpo_jax.data.encoding import decode_reasoning, encode_prompts
-from unigrpo_jax.data.pipeline import ShapeWorldSource
+from unigrpo_jax.data.pipeline import PromptFileSource, ShapeWorldSource
 from unigrpo_jax.data.tokenizer import Tokenizer
 from unigrpo_jax.models import PatchAutoencoder, UnifiedModel
 from unigrpo_jax.models.image import to_uint8
@@ -23,9 +24,18 @@ from unigrpo_jax.trainers import grid, setup
 from unigrpo_jax.trainers.metrics import MetricsLogger
 
 
-def eval_records(config: ml_collections.ConfigDict) -> list[dict]:
-  """The first ``config.data.eval_tasks`` prompts of the ShapeWorld TEST split."""
-  source = ShapeWorldSource("test", config.data.eval_tasks)
+def eval_source(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None):
+  """Every line of ``data.eval_prompt_file`` (prompt-file format, validated), else the first
+  ``data.eval_tasks`` prompts of the ShapeWorld TEST split."""
+  if config.data.eval_prompt_file:
+    return PromptFileSource(config.data.eval_prompt_file, tokenizer)
+  return ShapeWorldSource("test", config.data.eval_tasks)
+
+
+def eval_records(config: ml_collections.ConfigDict,
+                 tokenizer: Tokenizer | None = None) -> list[dict]:
+  """The evaluation records (see ``eval_source``), in order."""
+  source = eval_source(config, tokenizer)
   return [source[i] for i in range(len(source))]
 
 
@@ -73,14 +83,17 @@ class Evaluator:
     return metrics, picture
 
 
-def build_evaluator(config, graphdef, model_cfg, tokenizer: Tokenizer) -> Evaluator:
+def build_evaluator(config, graphdef, model_cfg, tokenizer: Tokenizer,
+                    records: Sequence[dict] | None = None) -> Evaluator:
+  """records: the evaluation records (``eval_records(config)`` when None)."""
   from unigrpo_jax.trainers.unigrpo import rollout_config  # one mapping config -> RolloutConfig
+  records = eval_records(config, tokenizer) if records is None else records
   return Evaluator(graphdef, rollout_config(config, tokenizer),
-                   PatchAutoencoder.for_model(model_cfg), tokenizer, config, eval_records(config))
+                   PatchAutoencoder.for_model(model_cfg), tokenizer, config, records)
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str, save_only_samples: bool = False):
-  """Evaluates ``config.init_checkpoint`` (or a fresh model) on the test split."""
+  """Evaluates ``config.init_checkpoint`` (or a fresh model) on the evaluation prompts."""
   tokenizer = Tokenizer.for_shapeworld()
   model_cfg, params = setup.model_and_params(config, tokenizer)
   graphdef, fresh = nnx.split(UnifiedModel(model_cfg, nnx.Rngs(config.seed)), nnx.Param)

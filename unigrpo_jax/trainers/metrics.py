@@ -137,3 +137,16 @@ class Progress:
     for k, v in (extra or {}).items():
       parts.append(f"{k} {float(v):.4g}")
     print(" | ".join(parts), file=self.stream, flush=True)
+
+
+EVAL_SUMMARY_KEYS = (("reward", "eval/reward_mean"), ("strict", "eval/strict_accuracy"),
+                     ("reasoning", "eval/reasoning_accuracy"), ("time_s", "perf/eval_time_s"))
+
+
+def eval_summary(step: int, metrics: Mapping[str, float]) -> str:
+  """The console line of an evaluation, e.g. ``eval @ step 20 | reward 0.222 | strict 0.148 |
+  reasoning 0.87 | time_s 12``."""
+  parts = [f"eval @ step {step}"]
+  parts += [f"{label} {float(metrics[key]):.4g}" for label, key in EVAL_SUMMARY_KEYS
+            if key in metrics]
+  return " | ".join(parts)

@@ -20,7 +20,8 @@ import numpy as np
 from unigrpo_jax import checkpointing, parallel
 from unigrpo_jax.data import shapeworld as sw
 from unigrpo_jax.data.encoding import decode_reasoning, encode_prompts
-from unigrpo_jax.data.pipeline import PromptFileSource, ShapeWorldSource, make_prompt_loader
+from unigrpo_jax.data.pipeline import (PromptFileSource, ShapeWorldSource, make_prompt_loader,
+                                       normalize_prompt)
 from unigrpo_jax.data.tokenizer import Tokenizer
 from unigrpo_jax.models import PatchAutoencoder
 from unigrpo_jax.models.image import to_uint8
@@ -30,9 +31,9 @@ from unigrpo_jax.rl.train_step import (ObjectiveConfig, OptimConfig, init_train_
                                        make_train_step)
 from unigrpo_jax.sampling.rollout import RolloutConfig, make_rollout
 from unigrpo_jax.trainers import grid, setup
-from unigrpo_jax.trainers.evaluate import build_evaluator
+from unigrpo_jax.trainers.evaluate import build_evaluator, eval_records
 from unigrpo_jax.trainers.metrics import (CompileCounter, MetricsLogger, Progress,
-                                          truncate_metrics)
+                                          eval_summary, truncate_metrics)
 
 
 class RewardError(RuntimeError):
@@ -44,14 +45,24 @@ class NonFiniteError(RuntimeError):
 
 
 # ------------------------------------------------------------------ config -> static configs
+def text_distribution(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict:
+  """The text sampling knobs, given to BOTH the rollout and the objective (the train step must
+  rescore with the distribution that sampled). ``rollout.vocab_limit = -1`` means the
+  tokenizer's vocabulary size (the embedding table may have more rows than it has words)."""
+  r = config.rollout
+  limit = tokenizer.vocab_size if r.vocab_limit == -1 else r.vocab_limit
+  return dict(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, vocab_limit=limit)
+
+
 def rollout_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> RolloutConfig:
   r = config.rollout
   return RolloutConfig(group_size=r.group_size, max_reasoning_len=r.max_reasoning_len,
                        stop_id=tokenizer.think_end_id, pad_id=tokenizer.pad_id,
-                       vision_start_id=tokenizer.vision_start_id, temperature=r.temperature,
-                       top_k=r.top_k, top_p=r.top_p, num_steps=r.num_steps, shift=r.shift,
-                       noise_level=r.noise_level, window_range=tuple(r.window_range),
-                       window_size=r.window_size, sde_type=r.sde_type)
+                       vision_start_id=tokenizer.vision_start_id,
+                       **text_distribution(config, tokenizer), num_steps=r.num_steps,
+                       shift=r.shift, noise_level=r.noise_level,
+                       window_range=tuple(r.window_range), window_size=r.window_size,
+                       window_per_group=r.window_per_group, sde_type=r.sde_type)
 
 
 def objective_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ObjectiveConfig:
@@ -63,7 +74,7 @@ def objective_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) ->
       flow_clip=tuple(o.flow_clip) if isinstance(o.flow_clip, (tuple, list)) else o.flow_clip,
       ratio_norm=o.ratio_norm, reweight_by_dt=o.reweight_by_dt, flow_weight=o.flow_weight,
       regularizer=o.regularizer, reg_weight=o.reg_weight, stop_context_grad=o.stop_context_grad,
-      train_text=o.train_text, train_image=o.train_image, temperature=config.rollout.temperature,
+      train_text=o.train_text, train_image=o.train_image, **text_distribution(config, tokenizer),
       noise_level=config.rollout.noise_level, sde_type=config.rollout.sde_type)
 
 
@@ -74,14 +85,32 @@ def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
                      num_minibatches=o.num_minibatches, grad_accum=o.grad_accum)
 
 
-def prompt_source(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
-  """The training prompts: a validated prompt file, or the ShapeWorld train split."""
+def prompt_source(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                  held_out: Sequence[dict] = ()):
+  """The training prompts: a validated prompt file, or the ShapeWorld train split.
+
+  Every training and evaluation prompt must fit ``data.max_prompt_len``, and no evaluation
+  prompt may also be a training prompt (compared lowercased, whitespace-collapsed): raises
+  ValueError naming the first evaluation prompt that is.
+  """
   if config.data.prompt_file:
     source = PromptFileSource(config.data.prompt_file, tokenizer)
   else:
     source = ShapeWorldSource("train", config.data.train_tasks)
+  train_prompts = set()
   for i in range(len(source)):  # every prompt must fit: fail now, not at step 900
-    encode_prompts(tokenizer, [source[i]["prompt"]], config.data.max_prompt_len)
+    prompt = source[i]["prompt"]
+    encode_prompts(tokenizer, [prompt], config.data.max_prompt_len)
+    train_prompts.add(normalize_prompt(prompt))
+  for r in held_out:
+    encode_prompts(tokenizer, [r["prompt"]], config.data.max_prompt_len)
+    if normalize_prompt(r["prompt"]) in train_prompts:
+      where = (f"data.eval_prompt_file {config.data.eval_prompt_file}"
+               if config.data.eval_prompt_file else "the ShapeWorld test split")
+      train = (f"data.prompt_file {config.data.prompt_file}" if config.data.prompt_file
+               else "the ShapeWorld train split")
+      raise ValueError(f"evaluation prompt {r['prompt']!r} ({where}) is also a training prompt "
+                       f"({train}): the evaluation set must be held out")
   return source
 
 
@@ -135,10 +164,14 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     reward_fn = registry.combined_reward(dict(config.rewards))
   except KeyError as e:
     raise ValueError(f"config.rewards: {e.args[0]}") from None
-  source = prompt_source(config, tokenizer)
+  held_out = eval_records(config, tokenizer)
+  source = prompt_source(config, tokenizer, held_out)
   rcfg, ocfg, optcfg = rollout_config(config, tokenizer), objective_config(config, tokenizer), \
       optim_config(config)
   model_cfg, init_params = setup.model_and_params(config, tokenizer)
+  if rcfg.vocab_limit > model_cfg.vocab_size:
+    raise ValueError(f"config.rollout.vocab_limit={rcfg.vocab_limit} exceeds the model's "
+                     f"{model_cfg.vocab_size}-row embedding table")
   g = rcfg.group_size
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   rules = parallel.normalize_rules(tuple(config.logical_rules) + parallel.DEFAULT_RULES) \
@@ -159,7 +192,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   autoencoder = PatchAutoencoder.for_model(model_cfg)
   rollout_fn = make_rollout(graphdef, rcfg, autoencoder)
   train_step = make_train_step(graphdef, train_state.params, ocfg, optcfg, mesh, rules)
-  evaluator = build_evaluator(config, graphdef, model_cfg, tokenizer)
+  evaluator = build_evaluator(config, graphdef, model_cfg, tokenizer, held_out)
   batch_sh = parallel.batch_sharding(mesh)
 
   # --- resume.
@@ -205,6 +238,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     metrics["perf/eval_time_s"] = time.time() - t0
     grid.save_png(os.path.join(workdir, f"samples_step_{step:06d}.png"), picture)
     logger.write_images(step, {"samples": picture})
+    if jax.process_index() == 0:
+      print(eval_summary(step, metrics), flush=True)
     return metrics
 
   last = {}
