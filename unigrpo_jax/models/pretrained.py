@@ -259,8 +259,8 @@ def _qwen2_fields(conf: dict, path: str) -> dict:
                 num_kv_heads=conf.get("num_key_value_heads") or heads,
                 mlp_dim=conf["intermediate_size"], rope_theta=float(theta),
                 rms_eps=float(conf.get("rms_norm_eps", 1e-6)), qkv_bias=True)
-  if conf.get("head_dim"):
-    fields["head_dim"] = conf["head_dim"]
+  if conf.get("head_dim") and conf["head_dim"] * heads != conf["hidden_size"]:
+    fields["head_dim"] = conf["head_dim"]  # only when it is not the default hidden // heads
   try:
     ModelConfig(**fields)  # field relations (heads dividing width, ...) named by ModelConfig
   except ValueError as e:
@@ -366,7 +366,7 @@ def _materialise(cfg: ModelConfig, index: TensorIndex, rows, source: str, mesh,
     from unigrpo_jax import parallel  # local: parallel imports nothing of ours at module level
     shardings = _flat_abstract(parallel.state_shardings(abstract, mesh))
   progress = _Progress(source, len(by_path), index.nbytes(k for k, _ in by_path.values()))
-  pure = abstract.to_pure_dict()
+  pure = nnx.to_pure_dict(abstract)
   for path, leaf in flat.items():
     shape, target = tuple(leaf.shape), np.dtype(_value(leaf).dtype)
     if path in by_path:
@@ -379,7 +379,7 @@ def _materialise(cfg: ModelConfig, index: TensorIndex, rows, source: str, mesh,
     if shardings is None:
       array = jnp.asarray(get(tuple(slice(None) for _ in shape)))
     else:
-      array = jax.make_array_from_callback(shape, shardings[path], get)
+      array = jax.make_array_from_callback(shape, _value(shardings[path]), get)
     if path in by_path:
       progress.step(index.nbytes([by_path[path][0]]))
     node = pure
