@@ -352,7 +352,7 @@ def _value(leaf):
 
 
 def _materialise(cfg: ModelConfig, index: TensorIndex, rows, source: str, mesh,
-                 fill: Optional[dict] = None) -> UnifiedModel:
+                 fill: Optional[dict] = None, rules=None) -> UnifiedModel:
   """Builds the model: every leaf read from ``rows`` (or taken from ``fill``), cast, placed."""
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: UnifiedModel(cfg, nnx.Rngs(0))))
   flat = _flat_abstract(abstract)
@@ -364,7 +364,7 @@ def _materialise(cfg: ModelConfig, index: TensorIndex, rows, source: str, mesh,
   shardings = None
   if mesh is not None:
     from unigrpo_jax import parallel  # local: parallel imports nothing of ours at module level
-    shardings = _flat_abstract(parallel.state_shardings(abstract, mesh))
+    shardings = _flat_abstract(parallel.state_shardings(abstract, mesh, rules))
   progress = _Progress(source, len(by_path), index.nbytes(k for k, _ in by_path.values()))
   pure = nnx.to_pure_dict(abstract)
   for path, leaf in flat.items():
@@ -395,7 +395,8 @@ def _materialise(cfg: ModelConfig, index: TensorIndex, rows, source: str, mesh,
 def load_qwen2(path: str, *, dtype: str = "float32", mesh=None, mot: bool = False,
                image_size: int = 1024, max_latent_size: int = 64,
                vision_start_id: Optional[int] = None, vision_end_id: Optional[int] = None,
-               seed: int = 0) -> UnifiedModel:
+               seed: int = 0, rules=None, compute_dtype: Optional[str] = None,
+               remat: bool = False) -> UnifiedModel:
   """An HF Qwen2 / Qwen2.5 directory -> UnifiedModel (BAGEL's image conventions).
 
   ``path`` holds ``config.json`` and ``model.safetensors`` (or shards + an index). Tied or untied
@@ -403,7 +404,8 @@ def load_qwen2(path: str, *, dtype: str = "float32", mesh=None, mot: bool = Fals
   adds a generation expert (and its final norm) initialised as a copy of the understanding
   expert, as BAGEL did. The image side (``latent_io``) is not in a Qwen2 checkpoint: it gets a
   fresh init from ``seed`` (``llm2vae`` zero, BAGEL's sin-cos position table). Marker ids:
-  explicit, else ``tokenizer.json``, else Qwen2.5's.
+  explicit, else ``tokenizer.json``, else Qwen2.5's. ``dtype`` is the parameter dtype;
+  ``compute_dtype`` (default: ``dtype``), ``remat`` and the sharding ``rules`` are passed through.
   """
   conf_path = os.path.join(path, "config.json")
   fields = _qwen2_fields(_read_json(conf_path), conf_path)
@@ -414,7 +416,8 @@ def load_qwen2(path: str, *, dtype: str = "float32", mesh=None, mot: bool = Fals
                       image_size=image_size, image_channels=16,
                       vae_downsample=_BAGEL_VAE_DOWNSAMPLE, patch_size=_BAGEL_PATCH,
                       timestep_scale=1.0, max_latent_size=max_latent_size,
-                      vision_start_id=vs, vision_end_id=ve, dtype=dtype, param_dtype=dtype)
+                      vision_start_id=vs, vision_end_id=ve, dtype=compute_dtype or dtype,
+                      param_dtype=dtype, remat=remat)
   except ValueError as e:
     raise CheckpointFormatError(f"{conf_path}: {e}") from None
   index = TensorIndex.from_path(path, "model.safetensors", "model.safetensors.index.json")
@@ -427,7 +430,7 @@ def load_qwen2(path: str, *, dtype: str = "float32", mesh=None, mot: bool = Fals
   _report_unused(path, unused)
   latent = nnx.state(LatentIO(cfg, nnx.Rngs(seed)))
   fill = {f"latent_io.{k}": _value(v) for k, v in _flat_abstract(latent).items()}
-  return _materialise(cfg, index, rows, path, mesh, fill)
+  return _materialise(cfg, index, rows, path, mesh, fill, rules)
 
 
 def _config_note(cfg: ModelConfig) -> str:
@@ -438,7 +441,8 @@ def _config_note(cfg: ModelConfig) -> str:
 
 def bagel_config(path: str, *, dtype: str = "float32", image_size: int = 1024,
                  vision_start_id: Optional[int] = None, vision_end_id: Optional[int] = None,
-                 index: Optional[TensorIndex] = None) -> ModelConfig:
+                 index: Optional[TensorIndex] = None, compute_dtype: Optional[str] = None,
+                 remat: bool = False) -> ModelConfig:
   """The ModelConfig of a BAGEL directory: text shapes from ``llm_config.json``, QK-norm on and
   the head untied (BAGEL forces both), image shapes from the generation-head tensors."""
   conf_path = os.path.join(path, "llm_config.json")
@@ -467,30 +471,36 @@ def bagel_config(path: str, *, dtype: str = "float32", image_size: int = 1024,
                        vae_downsample=_BAGEL_VAE_DOWNSAMPLE, patch_size=_BAGEL_PATCH,
                        timestep_freq_dim=shapes["time_embedder.mlp.0.weight"][1],
                        timestep_scale=1.0, max_latent_size=side, vision_start_id=vs,
-                       vision_end_id=ve, dtype=dtype, param_dtype=dtype)
+                       vision_end_id=ve, dtype=compute_dtype or dtype, param_dtype=dtype,
+                       remat=remat)
   except ValueError as e:
     raise CheckpointFormatError(f"{conf_path}: {e}") from None
 
 
 def load_bagel(path: str, *, dtype: str = "float32", image_size: int = 1024,
                vision_start_id: Optional[int] = None, vision_end_id: Optional[int] = None,
-               mesh=None) -> UnifiedModel:
+               mesh=None, rules=None, compute_dtype: Optional[str] = None,
+               remat: bool = False) -> UnifiedModel:
   """A BAGEL directory (``llm_config.json`` + ``ema.safetensors``) -> UnifiedModel.
 
   Both experts, both final norms, untied head, QK-norm, the generation heads and the stored
   ``latent_pos_embed`` table are loaded; ViT / connector / ``vit_pos_embed`` are skipped.
   ``image_size`` picks the training resolution (<= 16 * sqrt(table rows)); marker ids default
-  to the directory's tokenizer.json (Qwen2.5: 151652 / 151653).
+  to the directory's tokenizer.json (Qwen2.5: 151652 / 151653). ``dtype`` is the parameter
+  dtype; ``compute_dtype`` (default: ``dtype``), ``remat`` and the sharding ``rules`` (default
+  ``parallel.DEFAULT_RULES``) are passed through.
   """
   index = TensorIndex.from_path(path, "ema.safetensors")
   cfg = bagel_config(path, dtype=dtype, image_size=image_size, vision_start_id=vision_start_id,
-                     vision_end_id=vision_end_id, index=index)
+                     vision_end_id=vision_end_id, index=index, compute_dtype=compute_dtype,
+                     remat=remat)
   rows = bagel_key_map(cfg)
   abstract = _flat_abstract(nnx.state(nnx.eval_shape(lambda: UnifiedModel(cfg, nnx.Rngs(0)))))
   note = f"{os.path.join(path, 'llm_config.json')} ({_config_note(cfg)})"
   unused = _check_tensors(index, rows, abstract, os.path.join(path, "ema.safetensors"), note)
   _report_unused(os.path.join(path, "ema.safetensors"), unused, _BAGEL_SKIPPED)
-  return _materialise(cfg, index, rows, os.path.join(path, "ema.safetensors"), mesh)
+  return _materialise(cfg, index, rows, os.path.join(path, "ema.safetensors"), mesh,
+                      rules=rules)
 
 
 # ---------------------------------------------------------------------------------------------

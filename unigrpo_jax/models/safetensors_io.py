@@ -143,4 +143,7 @@ def write_file(path: str, tensors: dict, metadata: Optional[dict] = None) -> Non
   from safetensors.numpy import save_file  # local: only writers need it
   tmp = path + ".tmp"
   save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)  # an ordinary file for the user (the writer makes it 0600)
   os.replace(tmp, path)
