@@ -335,7 +335,8 @@ class _Progress:
     self.done += 1
     self.bytes += nbytes
     now = time.perf_counter()
-    if now - self.last >= self.every_s or (self.done == self.n and now - self.start >= self.every_s):
+    final = self.done == self.n and now - self.start >= self.every_s
+    if final or (now - self.last >= self.every_s and self.done < self.n):
       self.last = now
       print(f"{self.source}: {self.done}/{self.n} tensors, {self.bytes / 1e9:.2f}/"
             f"{self.total_bytes / 1e9:.2f} GB, {now - self.start:.0f}s", file=sys.stderr,
@@ -349,6 +350,19 @@ def _flat_abstract(state: nnx.State) -> dict:
 
 def _value(leaf):
   return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+
+
+def _once(get: Callable, shape: tuple) -> Callable:
+  """``get`` memoised per slice: devices holding the same slice (replicas) share one read."""
+  cache = {}
+
+  def cached(index):
+    key = tuple((s.start, s.stop) for s in _norm(index, shape))
+    if key not in cache:
+      cache[key] = get(index)
+    return cache[key]
+
+  return cached
 
 
 def _materialise(cfg: ModelConfig, index: TensorIndex, rows, source: str, mesh,
@@ -379,7 +393,7 @@ def _materialise(cfg: ModelConfig, index: TensorIndex, rows, source: str, mesh,
     if shardings is None:
       array = jnp.asarray(get(tuple(slice(None) for _ in shape)))
     else:
-      array = jax.make_array_from_callback(shape, _value(shardings[path]), get)
+      array = jax.make_array_from_callback(shape, _value(shardings[path]), _once(get, shape))
     if path in by_path:
       progress.step(index.nbytes([by_path[path][0]]))
     node = pure
