@@ -108,7 +108,16 @@ def test_bagel_round_trip_is_exact(bagel, tmp_path):
     np.testing.assert_array_equal(first[k].view(np.uint16), second[k].view(np.uint16), err_msg=k)
 
 
-def test_sharded_load_reads_slices(bagel):
+def test_save_bagel_with_source_is_a_complete_bagel_file(bagel, tmp_path):
+  keys = save_bagel(bagel, str(tmp_path / "full"), dtype="float32", source=BAGEL)
+  original = _tensors(os.path.join(BAGEL, "ema.safetensors"))
+  saved = _tensors(str(tmp_path / "full" / "ema.safetensors"))
+  assert set(keys) == set(saved) == set(original)
+  for k in original:
+    np.testing.assert_array_equal(saved[k], original[k], err_msg=k)
+
+
+def test_sharded_load_reads_slices(bagel, tmp_path):
   mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
   sharded = load_bagel(BAGEL, image_size=48, mesh=mesh, **MARKERS)
   state = nnx.state(sharded)
@@ -118,6 +127,10 @@ def test_sharded_load_reads_slices(bagel):
   want = _leaves(bagel)
   for name, value in _leaves(sharded).items():
     np.testing.assert_array_equal(value, want[name], err_msg=name)
+  save_bagel(sharded, str(tmp_path), dtype="float32")  # gathered one tensor at a time
+  original = _tensors(os.path.join(BAGEL, "ema.safetensors"))
+  for k, v in _tensors(str(tmp_path / "ema.safetensors")).items():
+    np.testing.assert_array_equal(v, original[k], err_msg=k)
 
 
 def test_qwen2_sharded_mesh_load_matches():

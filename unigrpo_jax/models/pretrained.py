@@ -40,7 +40,7 @@ from flax import nnx
 from unigrpo_jax.models.config import ModelConfig
 from unigrpo_jax.models.image import LatentIO
 from unigrpo_jax.models.safetensors_io import (CheckpointFormatError, TensorIndex, numpy_dtype,
-                                               write_file)
+                                               write_streaming)
 from unigrpo_jax.models.unified import UnifiedModel
 
 __all__ = ["CheckpointFormatError", "load_qwen2", "load_bagel", "save_bagel",
@@ -544,25 +544,45 @@ def _check_bagel_format(cfg: ModelConfig):
                      "and vision_start_id / vision_end_id set)")
 
 
+def _host_array(x) -> np.ndarray:
+  """A (possibly sharded, possibly multi-host) array gathered to this host as numpy."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def save_bagel(model: UnifiedModel, path: str, *, dtype: str = "bfloat16",
-               state: Optional[nnx.State] = None) -> list:
+               state: Optional[nnx.State] = None, source: Optional[str] = None) -> list:
   """Writes ``path/ema.safetensors`` (BAGEL's key names and shapes) and ``path/llm_config.json``.
 
-  ``state`` (e.g. a trained ``TrainState.params``) overrides the model's own arrays. The file
-  loads into BAGEL's ``Bagel`` module with ``load_state_dict(strict=False)`` (its ViT / connector
-  keys are then the ones missing). Each tensor is gathered to the host one at a time. Returns the
-  written keys.
+  ``state`` (e.g. a trained ``TrainState.params``) overrides the model's own arrays. ``source``,
+  the original BAGEL directory, adds its ViT / connector / ``vit_pos_embed`` tensors unchanged,
+  so the file is a complete BAGEL ``ema.safetensors`` (``load_state_dict(strict=True)``);
+  without it BAGEL loads the file with ``strict=False`` (those keys missing). The file is
+  streamed: one tensor (gathered from its shards) in host memory at a time; on a pod every
+  process gathers and process 0 writes. Returns the written keys.
   """
   cfg = model.cfg
   _check_bagel_format(cfg)
   target = numpy_dtype(dtype)
   flat = _flat_abstract(state if state is not None else nnx.state(model))
-  tensors = {}
+  specs = []
   for our, key, kind in bagel_key_map(cfg):
-    value = np.asarray(jax.device_get(_value(flat[our])))
-    tensors[key] = np.ascontiguousarray(to_theirs(kind, value.astype(target)))
+    leaf = _value(flat[our])
+    produce = lambda leaf=leaf, kind=kind: to_theirs(kind, _host_array(leaf).astype(target))
+    specs.append((key, target, their_shape(kind, tuple(leaf.shape)), produce))
+  if source is not None:
+    index = TensorIndex.from_path(source, "ema.safetensors")
+    for key in sorted(k for k in index.shapes if k.startswith(_BAGEL_SKIPPED)):
+      specs.append((key, target, index.shapes[key],
+                    lambda key=key: index.read(key).astype(target)))
+  if jax.process_index() != 0:  # gather collectively, write once
+    for spec in specs:
+      spec[3]()
+    return [s[0] for s in specs]
   os.makedirs(path, exist_ok=True)
-  write_file(os.path.join(path, "ema.safetensors"), tensors, metadata={"format": "pt"})
+  write_streaming(os.path.join(path, "ema.safetensors"), specs, metadata={"format": "pt"})
   with open(os.path.join(path, "llm_config.json"), "w") as f:
     json.dump(bagel_llm_config(cfg), f, indent=2)
-  return sorted(tensors)
+  return sorted(s[0] for s in specs)

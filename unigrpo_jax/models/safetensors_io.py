@@ -22,6 +22,7 @@ _NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
               "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
               "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _DTYPE_NAMES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_ST_NAMES = {np.dtype(v): k for k, v in _NP_DTYPES.items()}
 
 
 class CheckpointFormatError(ValueError):
@@ -144,3 +145,44 @@ def write_file(path: str, tensors: dict, metadata: Optional[dict] = None) -> Non
   os.umask(umask)
   os.chmod(tmp, 0o666 & ~umask)  # an ordinary file for the user (the writer makes it 0600)
   os.replace(tmp, path)
+
+
+def write_streaming(path: str, specs: Sequence[tuple], metadata: Optional[dict] = None) -> None:
+  """Writes a safetensors file one tensor at a time (host memory: one tensor).
+
+  Args:
+    specs: ``(key, numpy dtype, shape, produce)`` per tensor; ``produce()`` returns the array
+      (called once, in order, after the header is written).
+  The header is laid out from the specs first (contiguous offsets in the given order, padded to
+  8 bytes); a produced array of the wrong shape or dtype raises before anything is renamed into
+  place (the file is written to ``path + ".tmp"``).
+  """
+  header, offset = {}, 0
+  for key, dtype, shape, _ in specs:
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    header[key] = {"dtype": _ST_NAMES[dtype], "shape": [int(d) for d in shape],
+                   "data_offsets": [offset, offset + n]}
+    offset += n
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)
+  tmp = path + ".tmp"
+  try:
+    with open(tmp, "wb") as f:
+      f.write(struct.pack("<Q", len(raw)))
+      f.write(raw)
+      for key, dtype, shape, produce in specs:
+        arr = np.ascontiguousarray(produce())
+        if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape):
+          raise ValueError(f"{path}: tensor {key!r} produced {arr.dtype}{list(arr.shape)}, "
+                           f"declared {np.dtype(dtype)}{list(shape)}")
+        f.write(arr.tobytes())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
