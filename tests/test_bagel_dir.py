@@ -1,6 +1,9 @@
 """The real-model path on a random tiny BAGEL-format directory: the trainer's setup builds the
 tokenizer and the sharded model from it, and a rollout in BAGEL's thinking layout is on-policy
 for the train step. (The FLUX VAE is not part of this check: latents are decoded as-is.)"""
+import importlib.util
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,9 +42,16 @@ def bagel_dir(tmp_path_factory):
   return path
 
 
+def _bagel_7b_config():
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "bagel_7b.py")
+  spec = importlib.util.spec_from_file_location("bagel_7b_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def test_setup_builds_tokenizer_and_sharded_model(bagel_dir):
-  from configs import bagel_7b
-  config = bagel_7b.get_config()
+  config = _bagel_7b_config()
   config.init_checkpoint = bagel_dir
   config.model.image_size = 32
   config.model.param_dtype = config.model.dtype = "float32"

@@ -197,6 +197,15 @@ def test_bad_input(tmp_path):
     load_bagel(BAGEL, image_size=48)  # no tokenizer.json: Qwen2.5's ids do not fit vocab 101
 
 
+def test_qwen2_missing_shard(tmp_path):
+  d = tmp_path / "q"
+  shutil.copytree(QWEN_TIED, d)
+  os.remove(d / "model-00002-of-00004.safetensors")
+  with pytest.raises(CheckpointFormatError, match=r"model-00002-of-00004\.safetensors: file not "
+                                                  "found"):
+    load_qwen2(str(d), vision_start_id=1, vision_end_id=2)
+
+
 def test_unknown_tensors_are_listed_once(tmp_path, capsys):
   d = _copy(tmp_path)
   _rewrite(d, add={"some.new.head.weight": np.ones((2, 2), np.float32),
