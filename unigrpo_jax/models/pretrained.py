@@ -25,7 +25,6 @@ own, so every host of a pod reads only what its devices hold).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -72,7 +71,7 @@ _EXPERT_ROWS = (
     ("mlp.up", "mlp.up_proj.weight", "mlp_moe_gen.up_proj.weight", "T"),
     ("mlp.down", "mlp.down_proj.weight", "mlp_moe_gen.down_proj.weight", "T"),
 )
-# Top-level rows of the language model: (our path, HF key, BAGEL-only?, kind).
+# Top-level rows of the language model: (our path, HF key, kind); BAGEL prefixes the keys.
 _TOP_ROWS = (
     ("embed", "model.embed_tokens.weight", "copy"),
     ("und_norm.scale", "model.norm.weight", "copy"),
@@ -327,7 +326,8 @@ class _Progress:
   """One stderr line every few seconds on long loads: tensors and GB read so far."""
 
   def __init__(self, source: str, total_tensors: int, total_bytes: int, every_s: float = 5.0):
-    self.source, self.n, self.total_bytes, self.every_s = source, total_tensors, total_bytes, every_s
+    self.source, self.n, self.every_s = source, total_tensors, every_s
+    self.total_bytes = total_bytes
     self.done = self.bytes = 0
     self.start = self.last = time.perf_counter()
 

@@ -176,7 +176,8 @@ def make_eval_sampler(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: A
 
   CFG: ``v = v_u + cfg_scale * (v_c - v_u)``; the unconditional context is the ``<vision_start>``
   token alone (position 0, image at position 1), i.e. neither prompt nor reasoning, like a
-  text-dropped condition (BAGEL-format models: no context at all, the block at position 0). ``cfg_scale == 1`` skips the unconditional pass. Text knobs come from
+  text-dropped condition (BAGEL-format models: no context at all, the block at position 0).
+  ``cfg_scale == 1`` skips the unconditional pass. Text knobs come from
   ``cfg`` (``greedy_text`` switches to argmax).
 
   Returns ``fn(state, prompt_tokens [Bp, P], prompt_mask [Bp, P], key) -> EvalSample`` of
