@@ -216,6 +216,17 @@ def test_unknown_tensors_are_listed_once(tmp_path, capsys):
   assert err.count("skipped 4 tensors") == 1
 
 
+def test_progress_lines(monkeypatch, capsys):
+  from unigrpo_jax.models import pretrained
+  init = pretrained._Progress.__init__
+  monkeypatch.setattr(pretrained._Progress, "__init__",
+                      lambda self, *a, **kw: init(self, *a, **{**kw, "every_s": 0.0}))
+  load_bagel(BAGEL, image_size=48, **MARKERS)
+  lines = [l for l in capsys.readouterr().err.splitlines() if " tensors, " in l]
+  n = len(pretrained.bagel_key_map(pretrained.bagel_config(BAGEL, image_size=48, **MARKERS)))
+  assert lines[-1].split(": ")[1].startswith(f"{n}/{n} tensors, 0.00/0.00 GB")
+
+
 def test_save_bagel_refuses_non_bagel_models(tmp_path):
   model = load_qwen2(QWEN, vision_start_id=1, vision_end_id=2)  # no MoT, no QK-norm
   with pytest.raises(ValueError, match="ModelConfig.mot=False"):
