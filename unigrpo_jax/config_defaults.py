@@ -21,6 +21,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
   c.model.remat = False
+  c.model.image_size = 1024  # BAGEL directories only: training resolution (<= 16 * 64 px)
 
   c.data = ml_collections.ConfigDict()
   c.data.prompt_file = ""  # optional: one prompt (or JSON {prompt, spec}) per line

@@ -17,10 +17,14 @@ from unigrpo_jax.data.tokenizer import Tokenizer
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+  if hasattr(tokenizer, "prompt_ids"):  # a tokenizer with its own layout (QwenTokenizer: BAGEL)
+    return tokenizer.prompt_ids(prompt)
   return [tokenizer.bos_id] + tokenizer.encode(prompt) + [tokenizer.think_start_id]
 
 
 def reasoning_ids(tokenizer: Tokenizer, reasoning: str) -> list[int]:
+  if hasattr(tokenizer, "reasoning_ids"):
+    return tokenizer.reasoning_ids(reasoning)
   return tokenizer.encode(reasoning) + [tokenizer.think_end_id]
 
 

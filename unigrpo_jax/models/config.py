@@ -42,7 +42,16 @@ class ModelConfig:
   vae_downsample: int = 1
   patch_size: int = 4
   timestep_freq_dim: int = 256
-  timestep_scale: float = 1000.0  # t in [0, 1] is scaled before the sinusoid [ours].
+  timestep_scale: float = 1000.0  # t in [0, 1] is scaled before the sinusoid [ours]; BAGEL: 1.
+  # Latent positions. 0: a fixed sin-cos table of the latent_grid x latent_grid raster, computed
+  # at trace time [ours]. > 0 (BAGEL): a stored ``latent_pos_embed`` table of max_latent_size**2
+  # rows, token (row, col) reading row ``row * max_latent_size + col``.
+  max_latent_size: int = 0
+  # Image-block markers. None (toy): <vision_start> is an ordinary causal context token and the
+  # block holds only latents. Both set (BAGEL): the block is <|vision_start|> + latents +
+  # <|vision_end|>, all at one RoPE position; the markers run through the understanding expert.
+  vision_start_id: Optional[int] = None
+  vision_end_id: Optional[int] = None
   dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and RoPE stay float32.
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each layer in the backward pass.
@@ -70,6 +79,17 @@ class ModelConfig:
                        "sin-cos position embedding")
     if self.timestep_freq_dim % 2:
       raise ValueError(f"ModelConfig.timestep_freq_dim={self.timestep_freq_dim} must be even")
+    if self.max_latent_size < 0 or 0 < self.max_latent_size < self.latent_grid:
+      raise ValueError(f"ModelConfig.max_latent_size={self.max_latent_size} must be 0 or >= the "
+                       f"latent grid side {self.latent_grid} (image_size={self.image_size})")
+    if (self.vision_start_id is None) != (self.vision_end_id is None):
+      raise ValueError("ModelConfig.vision_start_id and vision_end_id must be both set (BAGEL "
+                       "image block) or both None")
+    for name in ("vision_start_id", "vision_end_id"):
+      v = getattr(self, name)
+      if v is not None and not 0 <= v < self.vocab_size:
+        raise ValueError(f"ModelConfig.{name}={v} is not a token id of the "
+                         f"vocab_size={self.vocab_size} embedding table")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of "
@@ -83,6 +103,11 @@ class ModelConfig:
   def latent_grid(self) -> int:
     """Side of the square grid of image tokens."""
     return self.image_size // (self.vae_downsample * self.patch_size)
+
+  @property
+  def block_markers(self) -> bool:
+    """True: BAGEL's image block ``<|vision_start|> latents <|vision_end|>`` at one position."""
+    return self.vision_start_id is not None
 
   @property
   def num_image_tokens(self) -> int:
@@ -121,11 +146,15 @@ PRESETS = {
                                     qk_norm=False, tie_embeddings=True, image_size=512,
                                     image_channels=16, vae_downsample=8, patch_size=2,
                                     dtype="bfloat16"),
-    # BAGEL-7B-MoT: Qwen2.5-7B backbone, both experts, QK-norm, untied head, 1024px FLUX latents.
+    # BAGEL-7B-MoT: Qwen2.5-7B backbone, both experts, QK-norm, untied head, 1024px FLUX latents,
+    # and BAGEL's conventions: unscaled t, a 64x64 latent_pos_embed table, and the image block
+    # <|vision_start|> (151652) + latents + <|vision_end|> (151653) at one RoPE position.
     "bagel_7b_mot": ModelConfig(vocab_size=152064, hidden=3584, num_layers=28, num_heads=28,
                                 num_kv_heads=4, mlp_dim=18944, rope_theta=1e6, qk_norm=True,
                                 tie_embeddings=False, image_size=1024, image_channels=16,
-                                vae_downsample=8, patch_size=2, dtype="bfloat16"),
+                                vae_downsample=8, patch_size=2, timestep_scale=1.0,
+                                max_latent_size=64, vision_start_id=151652,
+                                vision_end_id=151653, dtype="bfloat16"),
 }
 
 

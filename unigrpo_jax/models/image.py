@@ -42,6 +42,36 @@ def sincos_2d(grid: int, dim: int) -> np.ndarray:
   return np.concatenate([embed(rows), embed(cols)], axis=1).astype(np.float32)
 
 
+def bagel_sincos_table(max_latent_size: int, dim: int) -> np.ndarray:
+  """BAGEL's ``latent_pos_embed`` table: [max_latent_size**2, dim] float32.
+
+  Row ``row * max_latent_size + col``; the first dim/2 channels encode the COLUMN and the last
+  dim/2 the row (BAGEL meshgrids (w, h)), each as sin | cos of dim/4 frequencies
+  ``1 / 10000**(i / (dim/4))``. Real checkpoints store this table; it is only computed for models
+  that start from a checkpoint without one (e.g. a Qwen2 backbone).
+  """
+  quarter = dim // 4
+  omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+  rows, cols = np.meshgrid(np.arange(max_latent_size), np.arange(max_latent_size), indexing="ij")
+
+  def embed(pos):
+    angles = pos.reshape(-1)[:, None].astype(np.float64) * omega[None]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+  return np.concatenate([embed(cols), embed(rows)], axis=1).astype(np.float32)
+
+
+def latent_position_ids(grid: int, max_latent_size: int) -> np.ndarray:
+  """[grid*grid] int32 table rows of a grid x grid raster: ``row * max_latent_size + col``."""
+  return (np.arange(grid)[:, None] * max_latent_size + np.arange(grid)[None]).reshape(-1).astype(
+      np.int32)
+
+
+class FixedTable(nnx.Variable):
+  """A stored constant (BAGEL's ``latent_pos_embed``): part of the model state and of checkpoints,
+  never an ``nnx.Param``, so no optimizer updates it (BAGEL freezes it too)."""
+
+
 class LatentIO(nnx.Module):
   """``vae2llm`` + timestep MLP + position table in, zero-initialised ``llm2vae`` out."""
 
@@ -59,6 +89,10 @@ class LatentIO(nnx.Module):
     self.llm2vae_kernel = annotated_param(rngs, zeros_init, (d, cfg.latent_dim),
                                           ("embed", "latent"), pd)
     self.llm2vae_bias = annotated_param(rngs, zeros_init, (cfg.latent_dim,), ("latent",), pd)
+    if cfg.max_latent_size:
+      table = bagel_sincos_table(cfg.max_latent_size, d)
+      self.pos_embed = FixedTable(jnp.asarray(table, pd), out_sharding=(None, "embed"),
+                                  eager_sharding=False)
 
   def embed(self, x: jax.Array, t: jax.Array) -> jax.Array:
     """x: [B, K, N, latent_dim] noisy latents, t: [B, K] times -> [B, K, N, hidden]."""
@@ -68,9 +102,16 @@ class LatentIO(nnx.Module):
     temb = jax.nn.silu(feats.astype(dt) @ self.time_in[...].astype(dt)
                        + self.time_in_bias[...].astype(dt))
     temb = temb @ self.time_out[...].astype(dt) + self.time_out_bias[...].astype(dt)
+    return tok + temb[:, :, None, :] + self.positions().astype(dt)
+
+  def positions(self) -> jax.Array:
+    """[N, hidden] position embedding of the N = latent_grid**2 tokens (row-major)."""
+    cfg = self.cfg
+    if cfg.max_latent_size:  # BAGEL: rows row * max_latent_size + col of the stored table
+      ids = latent_position_ids(cfg.latent_grid, cfg.max_latent_size)
+      return jnp.take(self.pos_embed[...], jnp.asarray(ids), axis=0)
     # A fixed table, not state: built in NumPy at trace time and folded in as a constant.
-    pos_table = jnp.asarray(sincos_2d(self.cfg.latent_grid, self.cfg.hidden), dt)
-    return tok + temb[:, :, None, :] + pos_table
+    return jnp.asarray(sincos_2d(cfg.latent_grid, cfg.hidden))
 
   def velocity(self, h: jax.Array) -> jax.Array:
     """h: [B, K, N, hidden] normed hidden states -> [B, K, N, latent_dim] float32 velocity."""

@@ -13,6 +13,7 @@ prefill                   ``model(tokens, positions, text_valid)`` -> logits, te
 decode one token          ``model(tokens[:, None], ..., cache=cache)`` (the cache is read only;
                           the caller writes the returned k/v into it: see ``KVCache.write``)
 denoise against context   ``model(latents=x, times=t, image_position=p, cache=cache)``
+                          (BAGEL-format configs wrap each block in its two marker tokens)
 packed training pass      ``model(tokens, ..., latents=[B, K, N, D], times=[B, K], ...)``: text
                           logits and K isolated image blocks' velocities in one forward pass
 ========================  ======================================================================
@@ -129,11 +130,13 @@ class MoTLayer(nnx.Module):
   def gen_expert(self) -> Expert:
     return self.gen if self.gen is not None else self.und
 
-  def __call__(self, text_x, text_pos, text_mask, text_valid, image_x, image_pos, prefix_k,
-               prefix_v, prefix_valid, stop_context_grad: bool):
+  def __call__(self, text_x, text_pos, text_mask, text_valid, image_x, marker_x, image_pos,
+               prefix_k, prefix_v, prefix_valid, stop_context_grad: bool):
     """One layer over the text segment [B, Lt, D] and/or K image blocks [B, K, N, D].
 
-    Returns (text_x, image_x, text_k, text_v); absent segments stay None.
+    marker_x: [B, K, M, D] the blocks' marker tokens (BAGEL's <|vision_start|>/<|vision_end|>,
+    M = 2) or None; they share the blocks' position and attention but use the understanding
+    expert. Returns (text_x, image_x, marker_x, text_k, text_v); absent segments stay None.
     """
     ctx_k, ctx_v, ctx_valid = [], [], []
     if prefix_k is not None:
@@ -149,17 +152,33 @@ class MoTLayer(nnx.Module):
       b, nb, n, d = image_x.shape
       flat = image_x.reshape(b, nb * n, d)
       pos = jnp.broadcast_to(image_pos[:, None], (b, nb * n))
-      iq, ik, iv = self.gen_expert.qkv(flat, pos)
-      split = lambda a: a.reshape(b, nb, n, *a.shape[2:])
+      split = lambda a, per: a.reshape(b, nb, per, *a.shape[2:])
+      iq, ik, iv = (split(a, n) for a in self.gen_expert.qkv(flat, pos))
+      if not ctx_k:  # a block with no context at all (e.g. BAGEL's unconditional CFG branch)
+        ctx_k, ctx_v = [ik[:, 0, :0]], [iv[:, 0, :0]]
+        ctx_valid = [jnp.zeros((b, 0), bool)]
       keys = jnp.concatenate(ctx_k, axis=1)
       values = jnp.concatenate(ctx_v, axis=1)
       if stop_context_grad:  # flow loss must not move the text policy through the context
         keys, values = jax.lax.stop_gradient(keys), jax.lax.stop_gradient(values)
-      out = attention.block_attention(split(iq), keys, values, jnp.concatenate(ctx_valid, 1),
-                                      split(ik), split(iv))
+      if marker_x is not None:
+        # The markers join each block: same position, bidirectional, und expert. The block is
+        # stored [latents | markers]; attention inside a block is order-free, so this is exact.
+        m = marker_x.shape[2]
+        mflat = marker_x.reshape(b, nb * m, d)
+        mpos = jnp.broadcast_to(image_pos[:, None], (b, nb * m))
+        mq, mk, mv = (split(a, m) for a in self.und.qkv(mflat, mpos))
+        if stop_context_grad:  # the markers are text-policy (und) tokens: same rule
+          mk, mv = jax.lax.stop_gradient(mk), jax.lax.stop_gradient(mv)
+        iq, ik, iv = (jnp.concatenate(pair, axis=2) for pair in ((iq, mq), (ik, mk), (iv, mv)))
+      out = attention.block_attention(iq, keys, values, jnp.concatenate(ctx_valid, 1), ik, iv)
+      if marker_x is not None:
+        marker_out = out[:, :, n:].reshape(b, nb * m, *out.shape[3:])
+        marker_x = self.und.finish(mflat, marker_out).reshape(b, nb, m, d)
+        out = out[:, :, :n]
       image_x = self.gen_expert.finish(flat, out.reshape(b, nb * n, *out.shape[3:]))
       image_x = image_x.reshape(b, nb, n, d)
-    return text_x, image_x, tk, tv
+    return text_x, image_x, marker_x, tk, tv
 
 
 class UnifiedModel(nnx.Module):
@@ -194,7 +213,9 @@ class UnifiedModel(nnx.Module):
       text_valid: [B, Lt] bool, real text tokens (default: all).
       latents: [B, N, Dl] one image block, or [B, K, N, Dl] K isolated blocks, or None.
       times: [B] or [B, K] flow times of the blocks (matching ``latents``).
-      image_position: [B] the one RoPE position id shared by every image token of a row.
+      image_position: [B] the one RoPE position id shared by every image token of a row (with
+        ``cfg.block_markers``, also by the block's <|vision_start|> and <|vision_end|>, which
+        this call adds around every block itself: the context then ends with the text).
       cache: read-only context in front of the text segment.
       stop_context_grad: image blocks read the context keys/values through stop_gradient.
       compute_logits: skip the LM head when only the text k/v are needed.
@@ -220,13 +241,19 @@ class UnifiedModel(nnx.Module):
       if single_block:
         latents, times = latents[:, None], times[:, None]
       image_x = self.latent_io.embed(latents, times)
+    marker_x = None
+    if image_x is not None and cfg.block_markers:  # BAGEL: <|vision_start|> latents <|vision_end|>
+      ids = jnp.asarray([cfg.vision_start_id, cfg.vision_end_id], jnp.int32)
+      marker_x = jnp.broadcast_to(jnp.take(self.embed[...], ids, axis=0).astype(cfg.compute_dtype),
+                                  image_x.shape[:2] + (2, cfg.hidden))
 
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       prefix = (None, None, None) if cache is None else (cache.k[i], cache.v[i], cache.valid)
-      call = nnx.remat(_call_layer, static_argnums=(10,)) if cfg.remat else _call_layer
-      text_x, image_x, tk, tv = call(layer, text_x, positions, text_mask, text_valid, image_x,
-                                     image_position, *prefix, stop_context_grad)
+      call = nnx.remat(_call_layer, static_argnums=(11,)) if cfg.remat else _call_layer
+      text_x, image_x, marker_x, tk, tv = call(layer, text_x, positions, text_mask, text_valid,
+                                               image_x, marker_x, image_position, *prefix,
+                                               stop_context_grad)
       new_k.append(tk), new_v.append(tv)
 
     logits = velocity = text_k = text_v = None
@@ -251,10 +278,10 @@ class UnifiedModel(nnx.Module):
     return jnp.einsum("bld,dv->blv", h, w, preferred_element_type=jnp.float32)
 
 
-def _call_layer(layer, text_x, text_pos, text_mask, text_valid, image_x, image_pos, prefix_k,
-                prefix_v, prefix_valid, stop_context_grad):
-  return layer(text_x, text_pos, text_mask, text_valid, image_x, image_pos, prefix_k, prefix_v,
-               prefix_valid, stop_context_grad)
+def _call_layer(layer, text_x, text_pos, text_mask, text_valid, image_x, marker_x, image_pos,
+                prefix_k, prefix_v, prefix_valid, stop_context_grad):
+  return layer(text_x, text_pos, text_mask, text_valid, image_x, marker_x, image_pos, prefix_k,
+               prefix_v, prefix_valid, stop_context_grad)
 
 
 def count_params(model_or_state, exclude: tuple[str, ...] = ()) -> int:

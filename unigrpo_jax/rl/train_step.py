@@ -202,6 +202,15 @@ def _forward(graphdef, state, layout, window, cfg: ObjectiveConfig, compute_logi
                stop_context_grad=cfg.stop_context_grad, compute_logits=compute_logits)
 
 
+def _context_layout(graphdef, params, batch: Trajectory, cfg: ObjectiveConfig):
+  """The rollout's context layout; the model config says whether the image block carries its
+  own markers (BAGEL) or ``<vision_start>`` ends the context."""
+  markers = nnx.merge(graphdef, params).cfg.block_markers
+  return context_layout(batch.prompt_tokens, batch.prompt_mask, batch.reasoning_tokens,
+                        batch.reasoning_mask, cfg.vision_start_id, cfg.pad_id,
+                        block_markers=markers)
+
+
 def _prefix(prefix: str, metrics: dict) -> dict:
   return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
@@ -235,8 +244,7 @@ def policy_logprobs(params: nnx.State, graphdef: nnx.GraphDef, batch: Trajectory
                     cfg: ObjectiveConfig):
   """Log-probs of a trajectory's actions under ``params``: (text [B, T] (0 where the reasoning
   mask is off), flow [B, K] (0 on unused window slots)). The same computation as ``loss_fn``."""
-  layout = context_layout(batch.prompt_tokens, batch.prompt_mask, batch.reasoning_tokens,
-                          batch.reasoning_mask, cfg.vision_start_id, cfg.pad_id)
+  layout = _context_layout(graphdef, params, batch, cfg)
   terms = _policy_terms(params, graphdef, batch, layout, cfg)
   return (jnp.where(batch.reasoning_mask, terms["logp"], 0.0),
           jnp.where(terms["flow_mask"] > 0, terms["flow_logp"], 0.0))
@@ -261,8 +269,7 @@ def loss_fn(params: nnx.State, ref_params: Optional[nnx.State], graphdef: nnx.Gr
   step_fn = _STEP_FNS[cfg.sde_type]
   window = batch.window
   adv = advantages.astype(jnp.float32)
-  layout = context_layout(batch.prompt_tokens, batch.prompt_mask, batch.reasoning_tokens,
-                          batch.reasoning_mask, cfg.vision_start_id, cfg.pad_id)
+  layout = _context_layout(graphdef, params, batch, cfg)
   p_slots, t_slots = batch.prompt_tokens.shape[1], batch.reasoning_tokens.shape[1]
   terms = _policy_terms(params, graphdef, batch, layout, cfg)
   logp, flow_logp, v, mean_theta = terms["logp"], terms["flow_logp"], terms["v"], terms[

@@ -120,6 +120,8 @@ def reasoning_context(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask
   sample = text.decode(model, cache, last_logits, prompt_mask, key, sampling)
   vs_pos = (jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
             + jnp.sum(sample.mask, axis=1, dtype=jnp.int32))
+  if model.cfg.block_markers:  # BAGEL: the model puts the markers in the block at p + r
+    return sample, vs_pos
   cache = text.append_token(model, sample.cache, vision_start_id, p + t, vs_pos)
   return sample.replace(cache=cache), vs_pos + 1
 
@@ -182,7 +184,8 @@ def make_eval_sampler(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: A
 
   CFG: ``v = v_u + cfg_scale * (v_c - v_u)``; the unconditional context is the ``<vision_start>``
   token alone (position 0, image at position 1), i.e. neither prompt nor reasoning, like a
-  text-dropped condition. ``cfg_scale == 1`` skips the unconditional pass. Text knobs come from
+  text-dropped condition (BAGEL-format models: no context at all, the block at position 0).
+  ``cfg_scale == 1`` skips the unconditional pass. Text knobs come from
   ``cfg`` (``greedy_text`` switches to argmax).
 
   Returns ``fn(state, prompt_tokens [Bp, P], prompt_mask [Bp, P], key) -> EvalSample`` of
@@ -203,7 +206,9 @@ def make_eval_sampler(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: A
                                        cfg.vision_start_id, samples_per_prompt)
     b = image_pos.shape[0]
     ctx = txt.cache
-    if use_cfg:
+    if use_cfg and mcfg.block_markers:  # BAGEL: an empty context, the block at position 0
+      uncond, uncond_pos = KVCache.zeros(mcfg, b, 1), jnp.zeros((b,), jnp.int32)
+    elif use_cfg:
       uncond = text.append_token(model, KVCache.zeros(mcfg, b, 1), cfg.vision_start_id, 0,
                                  jnp.zeros((b,), jnp.int32))
       uncond_pos = jnp.ones((b,), jnp.int32)

@@ -9,6 +9,11 @@ Position ids are contiguous over *valid* tokens only, so padding never shifts Ro
 j of a row with p real tokens has position j - (P - p); reasoning token t has position p + t; the
 ``<vision_start>`` token sits at p + r (r = number of valid reasoning tokens) and every image
 token shares position p + r + 1.
+
+BAGEL-format models (``ModelConfig.block_markers``) carry ``<|vision_start|>`` and
+``<|vision_end|>`` inside the image block instead (the model adds them): the last context slot
+is then an invalid padding slot (kept so both layouts have the same shapes) and the whole block,
+markers included, sits at position p + r.
 """
 from __future__ import annotations
 
@@ -76,12 +81,15 @@ def prompt_positions(prompt_mask: jax.Array) -> jax.Array:
 
 def context_layout(prompt_tokens: jax.Array, prompt_mask: jax.Array,
                    reasoning_tokens: jax.Array, reasoning_mask: jax.Array,
-                   vision_start_id: int, pad_id: int = 0) -> ContextLayout:
+                   vision_start_id: int, pad_id: int = 0,
+                   block_markers: bool = False) -> ContextLayout:
   """Packs prompt, reasoning and ``<vision_start>`` into the shared slot layout.
 
   Args:
     prompt_tokens, prompt_mask: [B, P] left-padded prompt.
     reasoning_tokens, reasoning_mask: [B, T] sampled reasoning (valid prefix per row).
+    block_markers: the model's ``cfg.block_markers`` (BAGEL): the last slot is padding and the
+      image block sits at p + r (``vision_start_id`` is then unused).
   Returns:
     ContextLayout with [B, P + T + 1] arrays and [B] image positions.
   """
@@ -91,14 +99,17 @@ def context_layout(prompt_tokens: jax.Array, prompt_mask: jax.Array,
   t = reasoning_tokens.shape[1]
   reasoning_pos = prompt_len[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
   vs_pos = prompt_len + reasoning_len
+  last_id, last_pos = ((pad_id, jnp.zeros_like(vs_pos)) if block_markers
+                       else (vision_start_id, vs_pos))
   tokens = jnp.concatenate([
       jnp.where(prompt_mask, prompt_tokens, pad_id),
       jnp.where(reasoning_mask, reasoning_tokens, pad_id),
-      jnp.full((b, 1), vision_start_id, jnp.int32)], axis=1).astype(jnp.int32)
-  positions = jnp.concatenate([prompt_positions(prompt_mask), reasoning_pos, vs_pos[:, None]],
+      jnp.full((b, 1), last_id, jnp.int32)], axis=1).astype(jnp.int32)
+  positions = jnp.concatenate([prompt_positions(prompt_mask), reasoning_pos, last_pos[:, None]],
                               axis=1)
-  valid = jnp.concatenate([prompt_mask, reasoning_mask, jnp.ones((b, 1), bool)], axis=1)
-  return ContextLayout(tokens, positions, valid, vs_pos + 1)
+  valid = jnp.concatenate([prompt_mask, reasoning_mask, jnp.full((b, 1), not block_markers)],
+                          axis=1)
+  return ContextLayout(tokens, positions, valid, vs_pos if block_markers else vs_pos + 1)
 
 
 def reasoning_slice(prompt_len_slots: int, reasoning_len_slots: int) -> slice:

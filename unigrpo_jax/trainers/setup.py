@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Optional
 
+import jax
 import ml_collections
 from flax import nnx
 
-from unigrpo_jax import checkpointing
+from unigrpo_jax import checkpointing, parallel
 from unigrpo_jax.data.tokenizer import Tokenizer
 from unigrpo_jax.models import ModelConfig, UnifiedModel, get_preset
 
@@ -15,14 +17,37 @@ from unigrpo_jax.models import ModelConfig, UnifiedModel, get_preset
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat")
 
 
+def is_bagel_dir(path: str) -> bool:
+  """A BAGEL download (``llm_config.json`` + ``ema.safetensors``) rather than our own format."""
+  return bool(path) and os.path.isfile(os.path.join(path, "llm_config.json"))
+
+
+def tokenizer_for(config: ml_collections.ConfigDict):
+  """The BAGEL directory's ``tokenizer.json`` for BAGEL runs, else the ShapeWorld vocabulary."""
+  if is_bagel_dir(config.init_checkpoint):
+    from unigrpo_jax.data.qwen_tokenizer import QwenTokenizer
+    return QwenTokenizer.from_file(config.init_checkpoint)
+  return Tokenizer.for_shapeworld()
+
+
+def _bagel_kwargs(config: ml_collections.ConfigDict) -> dict:
+  return dict(dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
+              remat=config.model.remat, image_size=config.model.get("image_size", 1024))
+
+
 def model_and_params(config: ml_collections.ConfigDict, tokenizer: Tokenizer
                      ) -> tuple[ModelConfig, Optional[nnx.State]]:
   """-> (model config, params or None for a fresh init).
 
   With ``config.init_checkpoint`` the shapes come from the checkpoint (the preset is ignored)
-  and its tokenizer must equal ours; otherwise from ``config.model.preset``.
+  and its tokenizer must equal ours; otherwise from ``config.model.preset``. A BAGEL directory
+  is only validated here (config, file headers: cheap); ``build_params`` loads it sharded.
   """
   runtime = {k: config.model[k] for k in RUNTIME_FIELDS if k in config.model}
+  if is_bagel_dir(config.init_checkpoint):
+    from unigrpo_jax.models.pretrained import bagel_config
+    kw = _bagel_kwargs(config)
+    return bagel_config(config.init_checkpoint, dtype=kw.pop("dtype"), **kw), None
   if config.init_checkpoint:
     meta = checkpointing.read_meta(config.init_checkpoint)
     ckpt_tok = Tokenizer.from_json(json.dumps(meta["tokenizer"]))
@@ -36,3 +61,19 @@ def model_and_params(config: ml_collections.ConfigDict, tokenizer: Tokenizer
   # A fresh model gets exactly the tokenizer's vocabulary: no id can be sampled that no word has.
   return get_preset(config.model.preset, vocab_size=tokenizer.vocab_size, **runtime), None
 
+
+
+def build_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
+                 init_params: Optional[nnx.State], mesh, rules=None):
+  """-> (graphdef, full model state in its shardings): loaded from a BAGEL directory straight
+  into the mesh, else a fresh sharded init overwritten by ``init_params`` when given."""
+  if is_bagel_dir(config.init_checkpoint):
+    from unigrpo_jax.models.pretrained import load_bagel
+    model = load_bagel(config.init_checkpoint, mesh=mesh, rules=rules, **_bagel_kwargs(config))
+    if model.cfg != model_cfg:
+      raise AssertionError(f"loaded config {model.cfg} != validated {model_cfg}")
+    return nnx.split(model)
+  graphdef, params = parallel.create_sharded_model(model_cfg, config.seed, mesh, rules)
+  if init_params is not None:
+    params = jax.device_put(init_params, parallel.state_shardings(params, mesh, rules))
+  return graphdef, params

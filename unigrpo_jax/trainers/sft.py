@@ -49,7 +49,7 @@ def sft_loss(params, graphdef, batch: dict, key, *, vision_start_id: int, pad_id
   t_len = batch["reasoning_tokens"].shape[1]
   layout = context_layout(batch["prompt_tokens"], batch["prompt_mask"],
                           batch["reasoning_tokens"], batch["reasoning_mask"], vision_start_id,
-                          pad_id)
+                          pad_id, block_markers=model.cfg.block_markers)
   x0 = batch["latents"]
   t_key, e_key = jax.random.split(key)
   u = jax.random.uniform(t_key, (x0.shape[0],))

@@ -158,7 +158,7 @@ def _unflat(flat: dict, like):
 
 def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs UniGRPO; returns the last metrics row written."""
-  tokenizer = Tokenizer.for_shapeworld()
+  tokenizer = setup.tokenizer_for(config)  # a BAGEL directory brings its tokenizer.json
   # --- inputs first: each of these fails with a message before any compile.
   try:
     reward_fn = registry.combined_reward(dict(config.rewards))
@@ -183,9 +183,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      f"{parallel.batch_parallelism(mesh)}")
 
   # --- model, reference, optimizer state (created in their shardings).
-  graphdef, params = parallel.create_sharded_model(model_cfg, config.seed, mesh, rules)
-  if init_params is not None:
-    params = jax.device_put(init_params, parallel.state_shardings(params, mesh, rules))
+  graphdef, params = setup.build_params(config, model_cfg, init_params, mesh, rules)
   ref_params = jax.tree.map(jnp.copy, params) if ocfg.needs_reference else None
   train_state = init_train_state(params, ocfg, optcfg, mesh, rules)
   del params
