@@ -155,6 +155,19 @@ def test_trainer_passes_prompts_to_the_reward(ref):
     fn(images, [None, None])
 
 
+def test_fsdp_params_give_the_same_scores(ref):
+  """data=2 x fsdp=4: weights split over fsdp (where the last axis divides), batch over both."""
+  images = np.stack([ref["image_0"]] * 3)
+  prompts = [str(p) for p in ref["prompts"][:3]]
+  mesh = parallel.make_mesh(2, 4, 1)
+  scorer = clip_rewards.CLIPScorer(CLIP_DIR, mesh=mesh, batch_size=8)
+  w = scorer._state["vision_model"]["encoder"]["layers"][0]["mlp"]["fc1"]["weight"][...]
+  assert tuple(w.sharding.spec) == (None, "fsdp") and len(w.addressable_shards) == 8
+  assert w.addressable_shards[0].data.shape == (80, 12)
+  plain = clip_rewards.CLIPScorer(CLIP_DIR, batch_size=8).cosine(images, prompts)
+  np.testing.assert_allclose(scorer.cosine(images, prompts), plain, atol=1e-5)
+
+
 def test_chunking_does_not_change_scores(ref):
   images = np.stack([ref["image_2"]] * 5)
   prompts = [str(p) for p in ref["prompts"]] + [str(ref["prompts"][0])]
@@ -276,3 +289,32 @@ def test_reward_config_errors_before_any_compile(tmp_path):
   assert counter.count == before
   with pytest.raises(ValueError, match="built from the run config"):
     registry.get("pickscore")
+
+
+@pytest.mark.slow
+def test_training_run_with_pickscore(tmp_path, monkeypatch):
+  """Two UniGRPO steps of the tiny model rewarded by shapeworld + 0.5 * pickscore: the reward
+  gets each rollout row's own prompt (a group's rows share it) and the run finishes."""
+  monkeypatch.syspath_prepend(os.path.dirname(__file__))
+  from test_trainer import tiny_config
+
+  from unigrpo_jax.trainers.metrics import read_metrics
+  from unigrpo_jax.trainers.unigrpo import run_train
+  seen = []
+  original = clip_rewards.CLIPScorer.cosine
+
+  def spy(self, images, prompts):
+    seen.append((images.shape, list(prompts)))
+    return original(self, images, prompts)
+
+  monkeypatch.setattr(clip_rewards.CLIPScorer, "cosine", spy)
+  c = tiny_config(2)
+  c.rewards = {"shapeworld": 1.0, "pickscore": 0.5}
+  c.reward_models.pickscore_dir = CLIP_DIR
+  run_train(c, str(tmp_path / "work"))
+  rows = read_metrics(str(tmp_path / "work"))
+  assert [r["step"] for r in rows] == [0, 1, 2]
+  assert len(seen) == 2 and all(shape[0] == 4 for shape, _ in seen)
+  for _, prompts in seen:  # group_size 2: rows (0, 1) and (2, 3) share a prompt
+    assert prompts[0] == prompts[1] and prompts[2] == prompts[3] and prompts[0] != prompts[2]
+  assert all(np.isfinite(r["train/reward_mean"]) for r in rows[1:])

@@ -11,9 +11,11 @@ directory (models/clip_loading.py), its tokenizer.json and preprocessor_config.j
                torchmetrics' CLIPScore is 100 * max(cos, 0) = 40 * this.
 Every reward also returns ``cosine``.
 
-Placement: the weights are replicated on every device of a ("data", "fsdp", "tensor") mesh of
-the same shape as the policy's (built from config.mesh), each call's images and prompts split over
-the batch axes ("data", "fsdp"); preprocessing (resize, crop, normalise) runs inside the same
+Placement: on a ("data", "fsdp", "tensor") mesh of the same shape as the policy's (built from
+config.mesh), each call's images and prompts are split over the batch axes ("data", "fsdp");
+the weights are FSDP'd like the policy's: every matrix whose last axis divides by the fsdp size
+is split along it over "fsdp" (XLA all-gathers it per layer), the rest replicated (with fsdp=1,
+all of them); preprocessing (resize, crop, normalise) runs inside the same
 jitted function, so only uint8 images travel to the device. Images are scored in fixed chunks of
 ``reward_models.batch_size`` rows (rounded up to a multiple of the batch parallelism, the last
 chunk padded), so one compile serves every batch of a given image size; prompts are deduplicated
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from unigrpo_jax import parallel
 from unigrpo_jax.models.clip import l2_normalize
@@ -39,6 +42,18 @@ from unigrpo_jax.models.clip_processor import (CLIPTokenizer, ImageProcessorConf
 
 PICKSCORE_DIVISOR = 26.0  # flow_grpo/pickscore_scorer.py: "scores = scores/26  # norm to 0-1"
 CLIPSCORE_W = 2.5  # Hessel et al. 2021, CLIPScore
+
+
+def param_shardings(state, mesh):
+  """FSDP for CLIP: split the last axis of every >= 2-D weight over "fsdp" when it divides."""
+  fsdp = mesh.shape["fsdp"]
+
+  def one(x):
+    if x.ndim >= 2 and fsdp > 1 and x.shape[-1] % fsdp == 0:
+      return NamedSharding(mesh, PartitionSpec(*(None,) * (x.ndim - 1), "fsdp"))
+    return parallel.replicated(mesh)
+
+  return jax.tree.map(one, state)
 
 
 class CLIPScorer:
@@ -71,7 +86,7 @@ class CLIPScorer:
     if mesh is not None:
       par = parallel.batch_parallelism(mesh)
       self._batch_sharding = parallel.batch_sharding(mesh)
-      params_sharding = parallel.replicated(mesh)
+      params_sharding = param_shardings(state, mesh)
     else:
       par, self._batch_sharding, params_sharding = 1, None, None
     self.batch_size = -(-batch_size // par) * par
