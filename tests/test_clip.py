@@ -66,6 +66,12 @@ def test_legacy_eos_token_id_2_pools_at_argmax(model, ref):
   np.testing.assert_allclose(legacy, ref["text_embeds"], atol=PARITY_ATOL, rtol=0)
 
 
+def test_eos_position_rules():
+  ids = jnp.asarray([[5, 7, 3, 9, 7], [1, 2, 7, 7, 7]])
+  np.testing.assert_array_equal(clip.eos_positions(ids, 7), [1, 2])  # first eos_token_id
+  np.testing.assert_array_equal(clip.eos_positions(ids, 2), [3, 2])  # legacy: argmax(ids)
+
+
 def test_tokenizer_matches_transformers(ref):
   tok = clip_processor.CLIPTokenizer(CLIP_DIR, eos_token_id=381)
   ids, mask = tok(list(ref["prompts"]))
@@ -166,6 +172,15 @@ def test_fsdp_params_give_the_same_scores(ref):
   assert w.addressable_shards[0].data.shape == (80, 12)
   plain = clip_rewards.CLIPScorer(CLIP_DIR, batch_size=8).cosine(images, prompts)
   np.testing.assert_allclose(scorer.cosine(images, prompts), plain, atol=1e-5)
+
+
+def test_non_finite_similarity_is_an_error(ref, monkeypatch):
+  fn = registry.combined_reward({"clip_score": 1.0}, _config(clip_dir=CLIP_DIR))
+  monkeypatch.setattr(clip_rewards.CLIPScorer, "cosine",
+                      lambda self, images, prompts: np.array([0.3, np.nan], np.float32))
+  with pytest.raises(ValueError, match=r"clip_score: non-finite similarity for prompt 'b' "
+                                       r"\(row 1"):
+    fn(np.zeros((2, 8, 8, 3), np.uint8), [None, None], prompts=["a", "b"])
 
 
 def test_chunking_does_not_change_scores(ref):
@@ -318,3 +333,9 @@ def test_training_run_with_pickscore(tmp_path, monkeypatch):
   for _, prompts in seen:  # group_size 2: rows (0, 1) and (2, 3) share a prompt
     assert prompts[0] == prompts[1] and prompts[2] == prompts[3] and prompts[0] != prompts[2]
   assert all(np.isfinite(r["train/reward_mean"]) for r in rows[1:])
+
+
+def test_no_torch_at_run_time(model):
+  """The loader, tokenizer, preprocessing and rewards never import torch / transformers."""
+  import sys
+  assert "torch" not in sys.modules and "transformers" not in sys.modules

@@ -5,7 +5,7 @@ directory (models/clip_loading.py), its tokenizer.json and preprocessor_config.j
 (models/clip_processor.py). With cos = cos_sim(image_embedding, text_embedding):
 
   pickscore  = exp(logit_scale) * cos / 26   as flow_grpo's PickScoreScorer (its "norm to 0-1":
-               PickScore_v1's exp(logit_scale) is 100, so raw scores ~ 18-23 map to ~0.7-0.9);
+               PickScore_v1's exp(logit_scale) is about 100, so raw scores ~ 18-23 map to ~0.7-0.9);
                details: pickscore/raw = exp(logit_scale) * cos (PickScore's own scale).
   clip_score = 2.5 * max(cos, 0)             CLIPScore of Hessel et al. 2021 (w = 2.5);
                torchmetrics' CLIPScore is 100 * max(cos, 0) = 40 * this.
@@ -195,6 +195,10 @@ def make_reward(kind: str, config: ml_collections.ConfigDict):
     if len(prompts) != len(specs):
       raise ValueError(f"{len(prompts)} prompts but {len(specs)} specs")
     cos = scorer.cosine(images, prompts).astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(cos))
+    if bad.size:  # e.g. a zero embedding: never let a NaN reach the advantages
+      raise ValueError(f"{kind}: non-finite similarity for prompt {prompts[bad[0]]!r} "
+                       f"(row {bad[0]}; {bad.size} rows in all)")
     if kind == "pickscore":
       raw = (scorer.logit_scale * cos).astype(np.float32)
       return {"reward": pickscore(cos, scorer.logit_scale), "raw": raw, "cosine": cos}
