@@ -285,6 +285,19 @@ def test_sharded_index_loads_the_same(tmp_path, model):
     clip_loading.load_clip_state(str(d))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_checkpoints_load(tmp_path, model, dtype):
+  import ml_dtypes
+  d = _copy(tmp_path)
+  np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+  tensors = load_file(str(d / "model.safetensors"))
+  save_file({k: v.astype(np_dtype) for k, v in tensors.items()}, str(d / "model.safetensors"))
+  loaded = clip_loading.load_clip(str(d))
+  for a, b in zip(jax.tree.leaves(nnx_state(loaded)), jax.tree.leaves(nnx_state(model))):
+    assert a.dtype == jnp.float32
+    np.testing.assert_array_equal(a, np.asarray(b).astype(np_dtype).astype(np.float32))
+
+
 def nnx_state(m):
   from flax import nnx
   return nnx.state(m)

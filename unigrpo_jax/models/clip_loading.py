@@ -5,7 +5,8 @@ config fields, that every expected tensor exists, that no unexpected one does (a
 wrong number of layers shows up here), and every shape (read from the safetensors headers).
 Each problem raises ``CLIPLoadError`` with one line naming the directory, the key, the expected
 and the found value. Tensors are then read one at a time with ``safetensors.safe_open`` (numpy),
-cast to float32, so peak host memory is about one copy of the weights.
+cast to float32 (F32, F16 and BF16 checkpoints load alike), so peak host memory is about one
+float32 copy of the weights.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 from typing import Any
 
 import jax
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors can then read BF16)
 import numpy as np
 from flax import nnx
 
