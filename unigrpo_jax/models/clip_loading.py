@@ -122,15 +122,27 @@ def tensor_files(directory: str) -> dict[str, str]:
                       "pytorch_model.bin is not read: save the model with safetensors)")
 
 
-def _abstract(cfg: CLIPConfig):
+def abstract_model(cfg: CLIPConfig):
+  """(graphdef, flat state of ShapeDtypeStruct-like Params): the expected tensors, no memory."""
   model = nnx.eval_shape(lambda: CLIPModel(cfg))
   graphdef, state = nnx.split(model)
   return graphdef, nnx.to_flat_state(state)
 
 
-def _check(directory: str, cfg: CLIPConfig, files: dict[str, str], flat) -> None:
+def _key(path) -> str:
+  return ".".join(map(str, path))
+
+
+def _keys_by_file(keys, files: dict[str, str]) -> dict[str, list[str]]:
+  out: dict[str, list[str]] = {}
+  for key in keys:
+    out.setdefault(files[key], []).append(key)
+  return out
+
+
+def _check(directory: str, files: dict[str, str], flat) -> None:
   from safetensors import safe_open
-  expected = {".".join(map(str, path)): tuple(v.shape) for path, v in flat}
+  expected = {_key(path): tuple(v.shape) for path, v in flat}
   present = {k for k in files if not k.endswith(_IGNORED_SUFFIXES)}
   missing = sorted(set(expected) - present)
   if missing:
@@ -140,10 +152,7 @@ def _check(directory: str, cfg: CLIPConfig, files: dict[str, str], flat) -> None
   if unexpected:
     raise CLIPLoadError(f"{directory}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} "
                         "in all): config.json does not match the weights")
-  by_file: dict[str, list[str]] = {}
-  for key in expected:
-    by_file.setdefault(files[key], []).append(key)
-  for path, keys in by_file.items():
+  for path, keys in _keys_by_file(expected, files).items():
     with safe_open(path, framework="numpy") as f:
       for key in keys:
         found = tuple(f.get_slice(key).get_shape())
@@ -154,23 +163,19 @@ def _check(directory: str, cfg: CLIPConfig, files: dict[str, str], flat) -> None
 
 def load_clip_state(directory: str):
   """-> (CLIPConfig, graphdef, nnx.State of float32 numpy arrays). Validates first."""
+  from safetensors import safe_open
   directory = os.fspath(directory)
   cfg = read_config(directory)
   files = tensor_files(directory)
-  graphdef, flat = _abstract(cfg)
-  _check(directory, cfg, files, flat)
-  from safetensors import safe_open
-  handles = {}
-  try:
-    leaves = []
-    for path, var in flat:
-      key = ".".join(map(str, path))
-      f = handles.get(files[key]) or handles.setdefault(
-          files[key], safe_open(files[key], framework="numpy").__enter__())
-      leaves.append((path, var.replace(np.asarray(f.get_tensor(key), np.float32))))
-  finally:
-    for h in handles.values():
-      h.__exit__(None, None, None)
+  graphdef, flat = abstract_model(cfg)
+  _check(directory, files, flat)
+  variables = {_key(path): var for path, var in flat}
+  arrays = {}
+  for path, keys in _keys_by_file(variables, files).items():
+    with safe_open(path, framework="numpy") as f:
+      for key in keys:
+        arrays[key] = np.asarray(f.get_tensor(key), np.float32)
+  leaves = [(path, var.replace(arrays[_key(path)])) for path, var in flat]
   return cfg, graphdef, nnx.from_flat_state(leaves)
 
 
