@@ -96,6 +96,21 @@ def test_preprocessing_matches_pil_within_one_grey_level(ref):
   np.testing.assert_allclose(identity[0], ref["pixel_values"][2], atol=1e-5)  # 32x32: no resize
 
 
+def test_square_size_resizes_without_keeping_aspect(ref, tmp_path):
+  """preprocessor size {"height": s, "width": s} (not shortest_edge) vs HF on the same images."""
+  d = _copy(tmp_path)
+  pp = json.loads((d / "preprocessor_config.json").read_text())
+  pp["size"] = {"height": 32, "width": 32}
+  (d / "preprocessor_config.json").write_text(json.dumps(pp))
+  cfg = clip_processor.ImageProcessorConfig.from_directory(str(d), 32)
+  assert cfg.square
+  std = np.asarray(cfg.std)
+  for i, image in enumerate(_images(ref)):
+    ours = np.asarray(clip_processor.preprocess_images(jnp.asarray(image[None]), cfg))[0]
+    levels = np.abs(ours - ref["pixel_values_square"][i]) * std * 255
+    assert levels.max() <= 1.0 + 1e-3 and (levels > 0.5).mean() < 0.01, image.shape
+
+
 def test_resized_shape_is_hf_rule():
   assert clip_processor.resized_shape(1024, 1024, 224) == (224, 224)
   assert clip_processor.resized_shape(48, 64, 32) == (32, 42)  # int(32 * 64 / 48) = 42

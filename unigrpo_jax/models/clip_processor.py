@@ -10,7 +10,7 @@ and the pooled EOS comes before any padding.
 
 Images: uint8 [B, H, W, 3] -> resize so the shortest side is ``size`` (the long side
 ``int(size * long / short)``, as HF) with an antialiased bicubic (``jax.image.resize``, Keys
-a = -0.5 like PIL's), done like PIL as a horizontal then a vertical pass, each rounded and
+a = -0.5 like PIL's), done like PIL as two 1-D passes in Pillow's order, each rounded and
 clipped to uint8 levels -> center crop (top = (h - crop) // 2) -> x / 255 -> (x - mean) / std.
 PIL computes in fixed point, so a few pixels still differ by one grey level (under 0.4% of the
 pixels of the fixtures; tests/test_clip.py bounds it).
@@ -101,12 +101,13 @@ class CLIPTokenizer:
 @dataclasses.dataclass(frozen=True)
 class ImageProcessorConfig:
   """The fields of HF's preprocessor_config.json that CLIP's processor uses."""
-  shortest_edge: int = 224
+  shortest_edge: int = 224  # with square=True: resize to shortest_edge^2 regardless of aspect
   crop_size: int = 224
   mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
   std: tuple[float, float, float] = OPENAI_CLIP_STD
   method: str = "bicubic"
   rescale_factor: float = 1 / 255
+  square: bool = False  # size {"height": s, "width": s}: HF resizes to exactly s x s
 
   @classmethod
   def from_directory(cls, directory: str, image_size: int) -> "ImageProcessorConfig":
@@ -123,6 +124,7 @@ class ImageProcessorConfig:
         if len(vals) != 1:
           raise CLIPLoadError(f"{path}: {key} {v!r} is not square/shortest-edge (unsupported)")
         v = vals.pop()
+      # An int size is a shortest edge, as HF's get_size_dict(default_to_square=False) reads it.
       if not isinstance(v, int) or v <= 0:
         raise CLIPLoadError(f"{path}: {key} must be a positive integer, got {v!r}")
       return v
@@ -134,7 +136,11 @@ class ImageProcessorConfig:
     if resample not in _RESAMPLE:
       raise CLIPLoadError(f"{path}: resample={resample!r} unsupported; use 3 (bicubic) or "
                           "2 (bilinear)")
-    out = cls(shortest_edge=side("size", ("shortest_edge", "height", "width"), image_size),
+    size = raw.get("size")
+    square = isinstance(size, dict) and "shortest_edge" not in size
+    out = cls(shortest_edge=side("size", ("shortest_edge",) if not square else ("height", "width"),
+                                 image_size),
+              square=square,
               crop_size=side("crop_size", ("height", "width"), image_size),
               mean=tuple(raw.get("image_mean", OPENAI_CLIP_MEAN)),
               std=tuple(raw.get("image_std", OPENAI_CLIP_STD)),
@@ -160,17 +166,29 @@ def resized_shape(h: int, w: int, shortest_edge: int) -> tuple[int, int]:
 def preprocess_images(images: jax.Array, cfg: ImageProcessorConfig) -> jax.Array:
   """uint8 [B, H, W, 3] -> float32 [B, crop, crop, 3] normalised pixels (jit-able; shapes static)."""
   b, h, w, c = images.shape
-  nh, nw = resized_shape(h, w, cfg.shortest_edge)
+  nh, nw = ((cfg.shortest_edge,) * 2 if cfg.square
+            else resized_shape(h, w, cfg.shortest_edge))
   x = images.astype(jnp.float32)
-  # PIL's two passes, each rounded half-up and clipped to uint8: horizontal, then vertical.
-  # (One 2-D float resize instead differs from PIL by up to 7 grey levels on noise, where
-  # bicubic overshoot that PIL clips after the first pass survives into the second.)
-  if nw != w:
-    x = jax.image.resize(x, (b, h, nw, c), method=cfg.method, antialias=True)
-    x = jnp.clip(jnp.floor(x + 0.5), 0, 255)
-  if nh != h:
-    x = jax.image.resize(x, (b, nh, nw, c), method=cfg.method, antialias=True)
-    x = jnp.clip(jnp.floor(x + 0.5), 0, 255)
+  # PIL resizes in two 1-D passes, each rounded half-up and clipped to uint8. One 2-D float
+  # resize instead differs from PIL by up to 7 grey levels on noise (bicubic overshoot that PIL
+  # clips after its first pass survives into the second), so the passes are done the same way,
+  # in PIL's order: Pillow >= 13 runs the vertical pass first when the height shrinks by more
+  # than twice as many pixels as the width (Resample.c, "horizontal_first"), else horizontal.
+  def one_pass(x, shape):
+    x = jax.image.resize(x, shape, method=cfg.method, antialias=True)
+    return jnp.clip(jnp.floor(x + 0.5), 0, 255)
+
+  vertical_first = (h - nh) > 0 and (h - nh) > 2 * (w - nw)
+  if vertical_first:
+    if nh != h:
+      x = one_pass(x, (b, nh, w, c))
+    if nw != w:
+      x = one_pass(x, (b, nh, nw, c))
+  else:
+    if nw != w:
+      x = one_pass(x, (b, h, nw, c))
+    if nh != h:
+      x = one_pass(x, (b, nh, nw, c))
   top, left = (nh - cfg.crop_size) // 2, (nw - cfg.crop_size) // 2
   x = x[:, top:top + cfg.crop_size, left:left + cfg.crop_size]
   mean, std = jnp.asarray(cfg.mean, jnp.float32), jnp.asarray(cfg.std, jnp.float32)
