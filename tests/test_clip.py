@@ -96,6 +96,19 @@ def test_preprocessing_matches_pil_within_one_grey_level(ref):
   np.testing.assert_allclose(identity[0], ref["pixel_values"][2], atol=1e-5)  # 32x32: no resize
 
 
+def test_preprocessing_of_generator_sized_images_matches_pil(ref):
+  """1024^2 and 768x1024 -> CLIP's default 224 (bicubic 4.6x / 3.4x down, crop) vs PIL."""
+  cfg = clip_processor.ImageProcessorConfig()  # CLIP defaults: 224, OpenAI mean / std
+  for i in range(2):
+    seed = ref[f"large_{i}_seed"]
+    image = np.repeat(np.repeat(seed, 8, 0), 8, 1)  # as make_clip_fixture.upscale
+    ours = np.asarray(clip_processor.preprocess_images(jnp.asarray(image[None]), cfg))[0]
+    levels = (ours * np.asarray(cfg.std) + np.asarray(cfg.mean)) * 255
+    diff = np.abs(levels - ref[f"large_{i}_224_levels"])
+    assert ours.shape == (224, 224, 3)
+    assert diff.max() <= 1.0 + 1e-3 and (diff > 0.5).mean() < 0.01, (i, diff.max())
+
+
 def test_square_size_resizes_without_keeping_aspect(ref, tmp_path):
   """preprocessor size {"height": s, "width": s} (not shortest_edge) vs HF on the same images."""
   d = _copy(tmp_path)
