@@ -90,6 +90,15 @@ def base() -> ml_collections.ConfigDict:
   c.logical_rules = ()  # extra (logical, mesh axis) pairs overriding parallel's defaults
 
   c.rewards = ml_collections.ConfigDict({"shapeworld": 1.0})
+  # Models of the in-process CLIP rewards (rewards/clip.py; docs/clip_rewards.md). *_dir: an HF
+  # CLIPModel directory; *_processor_dir: its tokenizer.json + preprocessor_config.json when they
+  # live elsewhere (PickScore_v1 uses laion/CLIP-ViT-H-14-laion2B-s32B-b79K's); "" = *_dir.
+  c.reward_models = ml_collections.ConfigDict()
+  c.reward_models.pickscore_dir = ""
+  c.reward_models.pickscore_processor_dir = ""
+  c.reward_models.clip_dir = ""
+  c.reward_models.clip_processor_dir = ""
+  c.reward_models.batch_size = 32  # images per jitted reward call
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_steps = 20

@@ -119,11 +119,11 @@ def score_rollout(reward_fn: Callable, images: np.ndarray, specs: Sequence[sw.Sp
                   reasoning: Sequence[str], prompts: Sequence[str]) -> dict:
   """Calls the reward; on failure names the first prompt whose rows make it raise."""
   try:
-    return reward_fn(images, specs, reasoning)
+    return reward_fn(images, specs, reasoning, prompts=prompts)
   except Exception as batch_error:  # find the culprit row to make the report useful
     for i in range(len(specs)):
       try:
-        reward_fn(images[i:i + 1], specs[i:i + 1], reasoning[i:i + 1])
+        reward_fn(images[i:i + 1], specs[i:i + 1], reasoning[i:i + 1], prompts=prompts[i:i + 1])
       except Exception as row_error:
         raise RewardError(f"reward failed on prompt {prompts[i]!r} (row {i}): "
                           f"{type(row_error).__name__}: {row_error}") from row_error
@@ -161,7 +161,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer = setup.tokenizer_for(config)  # a BAGEL directory brings its tokenizer.json
   # --- inputs first: each of these fails with a message before any compile.
   try:
-    reward_fn = registry.combined_reward(dict(config.rewards))
+    reward_fn = registry.combined_reward(dict(config.rewards), config)  # loads reward models
   except KeyError as e:
     raise ValueError(f"config.rewards: {e.args[0]}") from None
   held_out = eval_records(config, tokenizer)
