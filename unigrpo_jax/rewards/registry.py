@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from unigrpo_jax.data import shapeworld as sw
+from unigrpo_jax.rewards import jpeg
 from unigrpo_jax.rewards import shapeworld as sw_reward
 
 RewardFn = Callable[..., dict]
@@ -85,3 +86,19 @@ def reasoning_match_reward(images, specs, reasoning_texts=None) -> dict:
   parsed = [sw.parse_reasoning(t) for t in reasoning_texts]
   match = np.array([p == s for p, s in zip(parsed, specs)], np.float32)
   return {"reward": match, "parsed": np.array([p is not None for p in parsed], np.float32)}
+
+
+@register("jpeg_compressibility")
+def jpeg_compressibility_reward(images, specs, reasoning_texts=None) -> dict:
+  """DDPO: reward = -(quality-95 JPEG size in kB); also reports "kb"."""
+  del specs, reasoning_texts
+  kb = jpeg.jpeg_kilobytes(images)
+  return {"reward": -kb, "kb": kb}
+
+
+@register("jpeg_incompressibility")
+def jpeg_incompressibility_reward(images, specs, reasoning_texts=None) -> dict:
+  """DDPO: reward = quality-95 JPEG size in kB; also reports "kb"."""
+  del specs, reasoning_texts
+  kb = jpeg.jpeg_kilobytes(images)
+  return {"reward": kb, "kb": kb}
