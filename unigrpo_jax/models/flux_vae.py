@@ -20,6 +20,7 @@ posterior mean (or of a posterior sample when ``key`` is given, as BAGEL's own e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -264,8 +265,6 @@ class FluxAutoencoder(Autoencoder):
       raise ValueError(f"image_size={image_size} is not a multiple of {2 * self.cfg.downsample} "
                        f"(VAE factor {self.cfg.downsample} x 2x2 patches)")
     self.graphdef, self.state = nnx.split(vae)
-    self._encode = jax.jit(self._encode_impl)
-    self._decode = jax.jit(self._decode_impl)
 
   @property
   def num_tokens(self) -> int:
@@ -278,22 +277,6 @@ class FluxAutoencoder(Autoencoder):
   def vae(self) -> FluxVAE:
     return nnx.merge(self.graphdef, self.state)
 
-  # -- pure functions of (state, inputs) --------------------------------------------------------
-  def _encode_impl(self, state, images, key):
-    vae = nnx.merge(self.graphdef, state)
-    dt = state_dtype(state)
-    moments = vae.encoder(images.astype(dt)).astype(jnp.float32)
-    z = self.cfg.z_channels
-    mean, logvar = moments[..., :z], moments[..., z:]     # BFL chunks mean first, then logvar
-    if key is not None:
-      mean = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, jnp.float32)
-    return (mean - self.shift_factor) * self.scale_factor
-
-  def _decode_impl(self, state, latents):
-    vae = nnx.merge(self.graphdef, state)
-    z = latents.astype(jnp.float32) / self.scale_factor + self.shift_factor
-    return vae.decoder(z.astype(state_dtype(state))).astype(jnp.float32)
-
   # -- public API -------------------------------------------------------------------------------
   def _check_images(self, images):
     f, c = self.cfg.downsample, self.cfg.in_channels
@@ -305,7 +288,7 @@ class FluxAutoencoder(Autoencoder):
     """images [B, H, W, 3] in [-1, 1] -> normalised latents [B, H/f, W/f, z] (float32)."""
     images = jnp.asarray(images)
     self._check_images(images)
-    return self._encode(self.state, images, key)
+    return _encode(self.graphdef, self.scale_factor, self.shift_factor, self.state, images, key)
 
   def encode_tokens(self, images, key: Optional[jax.Array] = None) -> jax.Array:
     """images [B, H, W, 3] -> BAGEL tokens [B, (H/2f)*(W/2f), 4z]."""
@@ -324,7 +307,29 @@ class FluxAutoencoder(Autoencoder):
     if latents.ndim != 4 or latents.shape[-1] != zc:
       raise ValueError(f"FluxAutoencoder.decode wants latents [B, h, w, {zc}] or tokens "
                        f"[B, N, {4 * zc}], got shape {tuple(latents.shape)}")
-    return self._decode(self.state, latents)
+    return _decode(self.graphdef, self.scale_factor, self.shift_factor, self.state, latents)
+
+
+# Module-level jits keyed on the (hashable) graphdef: every FluxAutoencoder of one architecture
+# shares the compiled code.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _encode(graphdef, scale, shift, state, images, key):
+  """images [B, H, W, C] -> BAGEL-normalised latents [B, H/f, W/f, z] (float32)."""
+  vae = nnx.merge(graphdef, state)
+  moments = vae.encoder(images.astype(state_dtype(state))).astype(jnp.float32)
+  z = vae.cfg.z_channels
+  mean, logvar = moments[..., :z], moments[..., z:]       # BFL chunks mean first, then logvar
+  if key is not None:   # BAGEL's DiagonalGaussian(sample=True)
+    mean = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, jnp.float32)
+  return (mean - shift) * scale
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _decode(graphdef, scale, shift, state, latents):
+  """BAGEL-normalised latents [B, h, w, z] -> images [B, h*f, w*f, C] (float32)."""
+  vae = nnx.merge(graphdef, state)
+  z = latents.astype(jnp.float32) / scale + shift
+  return vae.decoder(z.astype(state_dtype(state))).astype(jnp.float32)
 
 
 def state_dtype(state) -> jnp.dtype:
