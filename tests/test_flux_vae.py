@@ -201,3 +201,26 @@ def test_bf16_file_loads_exact_values(tmp_path, ae):
   for a, b in zip(jax.tree.leaves(ae.state), jax.tree.leaves(ae_b.state)):
     want = np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(b), want)
+
+
+@pytest.mark.slow
+def test_rollout_decodes_with_the_flux_vae(tmp_path):
+  """The jitted rollout takes the FLUX VAE where it took PatchAutoencoder: 64-wide BAGEL tokens
+  (16 latent channels, 2x2 patches) in, 3-channel pixels out."""
+  from flax import nnx
+  from unigrpo_jax.models import UnifiedModel, get_preset
+  from unigrpo_jax.sampling.rollout import RolloutConfig, make_rollout
+  fv.write_random_flux_ae(str(tmp_path) + "/", ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
+  ae = fv.load_flux_vae(str(tmp_path), image_size=32)
+  mcfg = get_preset("tiny", image_size=32, image_channels=16, vae_downsample=8, patch_size=2)
+  assert (mcfg.latent_dim, mcfg.num_image_tokens) == (ae.latent_dim, ae.num_tokens)
+  graphdef, state = nnx.split(UnifiedModel(mcfg, nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  state = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), state)
+  cfg = RolloutConfig(group_size=2, max_reasoning_len=3, stop_id=9, pad_id=0, vision_start_id=2,
+                      num_steps=3, shift=3.0, noise_level=0.8, window_range=(0, 2), window_size=1)
+  prompts = np.asarray([[11, 12, 13]], np.int32)
+  traj = make_rollout(graphdef, cfg, ae)(state, prompts, prompts > 0, jax.random.key(0))
+  assert traj.latents.shape == (2, 4, 64) and traj.images.shape == (2, 32, 32, 3)
+  want = np.clip(np.asarray(ae.decode(traj.latents)), -1, 1)
+  np.testing.assert_allclose(np.asarray(traj.images), want, rtol=1e-4, atol=1e-4)
