@@ -123,7 +123,8 @@ def test_missing_key(tmp_path):
   t = load_file(BFL)
   del t["decoder.up.2.block.1.conv2.bias"]
   p = _write(tmp_path / "ae.safetensors", t)
-  with pytest.raises(ValueError, match=r"missing 1 tensor.*'decoder\.up\.2\.block\.1\.conv2\.bias'"):
+  with pytest.raises(ValueError,
+                     match=r"missing 1 tensor.*'decoder\.up\.2\.block\.1\.conv2\.bias'"):
     fv.load_flux_vae(p, num_groups=4)
 
 
@@ -131,8 +132,8 @@ def test_wrong_shape_names_key_expected_and_found(tmp_path):
   t = load_file(BFL)
   t["encoder.mid.attn_1.k.weight"] = np.zeros((32, 16, 1, 1), np.float32)
   p = _write(tmp_path / "ae.safetensors", t)
-  with pytest.raises(ValueError, match=r"'encoder\.mid\.attn_1\.k\.weight' has shape \[32, 16, 1, 1\]"
-                                       r", expected \[32, 32, 1, 1\]"):
+  with pytest.raises(ValueError, match=r"'encoder\.mid\.attn_1\.k\.weight' has shape "
+                                       r"\[32, 16, 1, 1\], expected \[32, 32, 1, 1\]"):
     fv.load_flux_vae(p, num_groups=4)
 
 
@@ -144,7 +145,27 @@ def test_unexpected_keys_listed_once_not_fatal(tmp_path, caplog):
   with caplog.at_level(logging.WARNING, logger="unigrpo_jax.models.flux_vae"):
     fv.load_flux_vae(p, num_groups=4)
   msgs = [r.getMessage() for r in caplog.records if "unexpected" in r.getMessage()]
-  assert len(msgs) == 1 and "encoder.extra.weight" in msgs[0] and "decoder.up.0.attn.bias" in msgs[0]
+  assert len(msgs) == 1
+  assert "encoder.extra.weight" in msgs[0] and "decoder.up.0.attn.bias" in msgs[0]
+
+
+def test_diffusers_wrong_shape_names_the_files_key(tmp_path):
+  t = load_file(DIFF)
+  t["decoder.up_blocks.0.resnets.1.conv1.bias"] = np.zeros(5, np.float32)
+  p = _write(tmp_path / "ae.safetensors", t)
+  want = (r"'decoder\.up_blocks\.0\.resnets\.1\.conv1\.bias' \(BFL "
+          r"'decoder\.up\.3\.block\.1\.conv1\.bias'\) has shape \[5\]")
+  with pytest.raises(ValueError, match=want):
+    fv.load_flux_vae(p, num_groups=4)
+
+
+def test_architecture_tensor_with_wrong_rank(tmp_path):
+  t = load_file(BFL)
+  t["decoder.conv_in.weight"] = t["decoder.conv_in.weight"].reshape(32, -1)
+  p = _write(tmp_path / "ae.safetensors", t)
+  with pytest.raises(ValueError, match=r"'decoder\.conv_in\.weight' has shape \[32, 144\], "
+                                       r"expected a 4-D"):
+    fv.load_flux_vae(p, num_groups=4)
 
 
 def test_quant_conv_rejected(tmp_path):
@@ -156,7 +177,8 @@ def test_quant_conv_rejected(tmp_path):
 
 
 def test_groups_must_divide_widths():
-  with pytest.raises(ValueError, match=r"ae\.safetensors: .*width 8 is not divisible by num_groups=32"):
+  with pytest.raises(ValueError,
+                     match=r"ae\.safetensors: .*width 8 is not divisible by num_groups=32"):
     fv.load_flux_vae(BFL)     # FLUX's default 32 groups cannot hold the 8-wide fixture
 
 

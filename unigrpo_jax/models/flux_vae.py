@@ -397,7 +397,8 @@ def diffusers_to_bfl(keys: Sequence[str]) -> dict[str, str]:
   for key in keys:
     k = key
     k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", k)
-    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.",
+               r"encoder.down.\1.downsample.", k)
     # diffusers numbers decoder blocks coarse -> fine; BFL by resolution level (fine = 0).
     k = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
                lambda m: f"decoder.up.{n_up - 1 - int(m.group(1))}.block.{m.group(2)}.", k)
@@ -414,9 +415,12 @@ def diffusers_to_bfl(keys: Sequence[str]) -> dict[str, str]:
 
 def infer_config(shapes: dict[str, tuple], path: str, *, num_groups: int = 32) -> FluxVAEConfig:
   """Reads ch, ch_mult, num_res_blocks, z/in/out channels off BFL-named tensor shapes."""
-  def need(key):
+  def need(key):   # a conv weight [out, in, kh, kw] the architecture is read from
     if key not in shapes:
       raise ValueError(f"{path}: missing tensor {key!r} (cannot infer the VAE architecture)")
+    if len(shapes[key]) != 4:
+      raise ValueError(f"{path}: tensor {key!r} has shape {list(shapes[key])}, expected a 4-D "
+                       f"conv weight [out, in, kh, kw]")
     return shapes[key]
 
   ch, in_ch = need("encoder.conv_in.weight")[:2]
@@ -424,7 +428,8 @@ def infer_config(shapes: dict[str, tuple], path: str, *, num_groups: int = 32) -
                    if (m := re.match(r"encoder\.down\.(\d+)\.block\.", k))})
   if not levels or levels != list(range(len(levels))):
     raise ValueError(f"{path}: encoder.down.<i>.block levels are {levels}, expected 0..n-1")
-  blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
+  blocks = {int(m.group(1)) for k in shapes
+            if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
   ch_mult = []
   for i in levels:
     key = f"encoder.down.{i}.block.0.conv1.weight"
@@ -517,22 +522,24 @@ def load_flux_vae(path: str, *, dtype="float32", num_groups: int = 32,
     bfl_shapes[bfl] = shape
   cfg = infer_config(bfl_shapes, path, num_groups=num_groups)
   expected = expected_keys(cfg)
+  by_key = {b: f for f, b in names.items()}     # {BFL key: the file's own key}
+  named = lambda k: repr(k) if by_key.get(k, k) == k else f"{by_key[k]!r} (BFL {k!r})"
   missing = [k for k in expected if k not in bfl_shapes]
   if missing:
     raise ValueError(f"{path}: missing {len(missing)} tensor(s) for the inferred architecture "
                      f"{cfg}, first {missing[0]!r}")
   for key, shape in expected.items():
     if bfl_shapes[key] != shape:
-      raise ValueError(f"{path}: tensor {key!r} has shape {list(bfl_shapes[key])}, expected "
-                       f"{list(shape)} for the inferred architecture {cfg}")
+      raise ValueError(f"{path}: tensor {named(key)} has shape {list(bfl_shapes[key])}, "
+                       f"expected {list(shape)} for the inferred architecture {cfg}")
   extras = sorted(k for k in bfl_shapes if k not in expected)
   if extras:
-    log.warning("%s: ignoring %d unexpected tensor(s): %s", path, len(extras), ", ".join(extras))
+    log.warning("%s: ignoring %d unexpected tensor(s): %s", path, len(extras),
+                ", ".join(by_key.get(k, k) for k in extras))
 
   jdtype = jnp.dtype(dtype)
   abstract = nnx.eval_shape(lambda: FluxVAE(cfg, dtype=jdtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  by_key = {b: f for f, b in names.items()}
   flat = []
   with safetensors.safe_open(path, framework="numpy") as fh:
     for p, var in nnx.to_flat_state(state):
