@@ -75,6 +75,9 @@ def test_decode_accepts_bagel_tokens_inside_jit_like_the_rollout(ae):
   tokens = patchify(lat)                                      # [2, 4, 64], as the sampler's x0
   inside = jax.jit(lambda t: ae.decode(t))(tokens)
   np.testing.assert_allclose(np.asarray(inside), np.asarray(ae.decode(lat)), rtol=1e-5, atol=1e-5)
+  # Weights passed through as an argument (not baked in as constants) give the same images.
+  as_arg = jax.jit(lambda st, t: ae.decode(t, state=st))(ae.state, tokens)
+  np.testing.assert_allclose(np.asarray(as_arg), np.asarray(inside), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

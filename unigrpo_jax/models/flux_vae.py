@@ -251,8 +251,10 @@ class FluxAutoencoder(Autoencoder):
   takes BAGEL's 2x2-patchified tokens ``[B, N, 4z]`` (N a square number; this is what the flow
   sampler produces, so the rollout can call it like ``PatchAutoencoder.decode``), and
   ``encode_tokens`` gives those tokens. ``latent_dim`` is the token width 4z; ``num_tokens`` is
-  defined once an ``image_size`` is given. Both calls are jitted, and can be called inside an
-  enclosing ``jax.jit`` (the weights then enter that computation as constants).
+  defined once an ``image_size`` is given. Both calls are jitted and can be called inside an
+  enclosing ``jax.jit``; there the weights enter that computation as constants unless the caller
+  passes them through as an argument (``decode(tokens, state=vae_state)``), which is what a
+  full-size (335 MB) VAE inside a rollout should do.
   """
 
   def __init__(self, vae: FluxVAE, *, scale_factor: float = BAGEL_SCALE_FACTOR,
@@ -284,18 +286,25 @@ class FluxAutoencoder(Autoencoder):
       raise ValueError(f"FluxAutoencoder.encode wants images [B, H, W, {c}] with H, W multiples "
                        f"of {f}, got shape {tuple(images.shape)}")
 
-  def encode(self, images, key: Optional[jax.Array] = None) -> jax.Array:
-    """images [B, H, W, 3] in [-1, 1] -> normalised latents [B, H/f, W/f, z] (float32)."""
+  def encode(self, images, key: Optional[jax.Array] = None, *, state=None) -> jax.Array:
+    """images [B, H, W, 3] in [-1, 1] -> normalised latents [B, H/f, W/f, z] (float32).
+
+    state: the weights to use (default ``self.state``), e.g. a traced argument of a caller's jit.
+    """
     images = jnp.asarray(images)
     self._check_images(images)
-    return _encode(self.graphdef, self.scale_factor, self.shift_factor, self.state, images, key)
+    state = self.state if state is None else state
+    return _encode(self.graphdef, self.scale_factor, self.shift_factor, state, images, key)
 
   def encode_tokens(self, images, key: Optional[jax.Array] = None) -> jax.Array:
     """images [B, H, W, 3] -> BAGEL tokens [B, (H/2f)*(W/2f), 4z]."""
     return patchify(self.encode(images, key))
 
-  def decode(self, latents) -> jax.Array:
-    """latents [B, h, w, z] or tokens [B, N, 4z] (square grid) -> images [B, h*f, w*f, 3]."""
+  def decode(self, latents, *, state=None) -> jax.Array:
+    """latents [B, h, w, z] or tokens [B, N, 4z] (square grid) -> images [B, h*f, w*f, 3].
+
+    state: the weights to use (default ``self.state``), e.g. a traced argument of a caller's jit.
+    """
     latents = jnp.asarray(latents)
     zc = self.cfg.z_channels
     if latents.ndim == 3 and latents.shape[-1] == 4 * zc:
@@ -307,7 +316,8 @@ class FluxAutoencoder(Autoencoder):
     if latents.ndim != 4 or latents.shape[-1] != zc:
       raise ValueError(f"FluxAutoencoder.decode wants latents [B, h, w, {zc}] or tokens "
                        f"[B, N, {4 * zc}], got shape {tuple(latents.shape)}")
-    return _decode(self.graphdef, self.scale_factor, self.shift_factor, self.state, latents)
+    state = self.state if state is None else state
+    return _decode(self.graphdef, self.scale_factor, self.shift_factor, state, latents)
 
 
 # Module-level jits keyed on the (hashable) graphdef: every FluxAutoencoder of one architecture
