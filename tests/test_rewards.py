@@ -139,3 +139,28 @@ def test_reward_exceptions_propagate(monkeypatch):
   with pytest.raises(ValueError):  # reasoning_match without texts
     registry.combined_reward({"reasoning_match": 1.0})(np.zeros((1, 32, 32, 3), np.uint8),
                                                        SPECS[:1])
+
+
+def test_jpeg_rewards_flat_beats_noise():
+  rng = np.random.default_rng(0)
+  flat = np.full((2, 64, 48, 3), 128, np.uint8)
+  noise = rng.integers(0, 256, (2, 64, 48, 3), dtype=np.uint8)
+  imgs = np.concatenate([flat, noise])
+  comp = registry.get("jpeg_compressibility")(imgs, [None] * 4)
+  incomp = registry.get("jpeg_incompressibility")(list(imgs), [None] * 4)
+  assert comp["reward"].dtype == np.float32 and comp["reward"].shape == (4,)
+  np.testing.assert_array_equal(comp["reward"], -incomp["reward"])
+  np.testing.assert_array_equal(comp["kb"], incomp["kb"])
+  assert comp["kb"][0] == comp["kb"][1] and comp["kb"][0] < 1.0 and comp["kb"][2] > 3.0
+  assert comp["reward"][0] > comp["reward"][2] and incomp["reward"][2] > incomp["reward"][0]
+  # Matches Pillow's own quality-95 file size in kB.
+  import io
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(noise[1]).save(buf, format="JPEG", quality=95)
+  assert comp["kb"][3] == np.float32(len(buf.getvalue()) / 1000)
+
+
+def test_jpeg_reward_rejects_float_images():
+  with pytest.raises(ValueError, match="image 0 must be uint8"):
+    registry.get("jpeg_compressibility")(np.zeros((1, 8, 8, 3), np.float32), [None])

@@ -37,12 +37,15 @@ import numpy as np
 from flax import nnx
 
 from unigrpo_jax.models.config import ModelConfig
+from unigrpo_jax.models.flux_vae import load_flux_vae  # re-exported: the public loader API
 from unigrpo_jax.models.image import LatentIO
+from unigrpo_jax.models.latent_patches import patchify, unpatchify  # re-exported
 from unigrpo_jax.models.safetensors_io import (CheckpointFormatError, TensorIndex, numpy_dtype,
                                                write_streaming)
 from unigrpo_jax.models.unified import UnifiedModel
 
-__all__ = ["CheckpointFormatError", "load_qwen2", "load_bagel", "save_bagel",
+__all__ = ["CheckpointFormatError", "load_qwen2", "load_bagel", "save_bagel", "load_flux_vae",
+           "patchify", "unpatchify",
            "bagel_key_map", "qwen2_key_map", "QWEN2_VISION_START_ID", "QWEN2_VISION_END_ID"]
 
 # Qwen2.5 tokenizer ids of BAGEL's image markers (REAL_MODEL.md section 3).

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from unigrpo_jax.data import shapeworld as sw
+from unigrpo_jax.rewards import jpeg
 from unigrpo_jax.rewards import shapeworld as sw_reward
 
 RewardFn = Callable[..., dict]
@@ -130,3 +131,19 @@ def _clip_score_factory(config) -> RewardFn:
   """CLIPScore 2.5 * max(cos, 0) (Hessel et al. 2021); see rewards/clip.py."""
   from unigrpo_jax.rewards import clip as clip_rewards
   return clip_rewards.make_reward("clip_score", config)
+
+
+@register("jpeg_compressibility")
+def jpeg_compressibility_reward(images, specs, reasoning_texts=None) -> dict:
+  """DDPO: reward = -(quality-95 JPEG size in kB); also reports "kb"."""
+  del specs, reasoning_texts
+  kb = jpeg.jpeg_kilobytes(images)
+  return {"reward": -kb, "kb": kb}
+
+
+@register("jpeg_incompressibility")
+def jpeg_incompressibility_reward(images, specs, reasoning_texts=None) -> dict:
+  """DDPO: reward = quality-95 JPEG size in kB; also reports "kb"."""
+  del specs, reasoning_texts
+  kb = jpeg.jpeg_kilobytes(images)
+  return {"reward": kb, "kb": kb}
