@@ -1,10 +1,13 @@
 """Reward registry.
 
 A reward fn has signature fn(images, specs, reasoning_texts=None) -> dict of float [B]
-NumPy arrays that includes "reward". Exceptions propagate (the trainer reports them).
+NumPy arrays that includes "reward". Exceptions propagate (the trainer reports them). A fn
+that also takes ``prompts`` and/or ``metadata`` keywords gets them (the row prompts and their
+metadata objects, e.g. GenEval's); remote rewards (rewards.remote) need them.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -16,11 +19,13 @@ RewardFn = Callable[..., dict]
 _REGISTRY: dict[str, RewardFn] = {}
 
 
-def register(name: str) -> Callable[[RewardFn], RewardFn]:
-  """Decorator: register fn under `name` (re-registering a name raises)."""
+def register(name: str, requires: tuple[str, ...] = ()) -> Callable[[RewardFn], RewardFn]:
+  """Decorator: register fn under `name` (re-registering a name raises). ``requires``: what
+  every prompt must carry ("spec": a ShapeWorld scene), checked before training starts."""
   def deco(fn: RewardFn) -> RewardFn:
     if name in _REGISTRY and _REGISTRY[name] is not fn:
       raise ValueError(f"reward {name!r} is already registered")
+    fn.requires = tuple(requires)
     _REGISTRY[name] = fn
     return fn
   return deco
@@ -36,18 +41,31 @@ def available() -> list[str]:
   return sorted(_REGISTRY)
 
 
-def combined_reward(weights: dict[str, float]) -> RewardFn:
-  """fn(images, specs, reasoning_texts=None) -> {"reward": sum_n w_n * reward_n, plus each
-  component's outputs as "<name>/<key>"}. Unknown names raise KeyError now, not later."""
-  if not weights:
-    raise ValueError("combined_reward needs at least one component")
-  fns = {name: get(name) for name in weights}
-  weights = {k: float(v) for k, v in weights.items()}
+def accepted_kwargs(f: RewardFn) -> tuple[str, ...]:
+  params = inspect.signature(f).parameters
+  return tuple(k for k in ("prompts", "metadata") if k in params)
 
-  def fn(images, specs, reasoning_texts: Optional[Sequence[str]] = None) -> dict:
+
+def combined_reward(weights: dict[str, float],
+                    extra: Optional[dict[str, RewardFn]] = None) -> RewardFn:
+  """fn(images, specs, reasoning_texts=None, prompts=None, metadata=None) -> {"reward":
+  sum_n w_n * reward_n, plus each component's outputs as "<name>/<key>"}. ``extra`` holds
+  reward fns built from the config (remote rewards); they win over registered names.
+  Components with weight 0 are not called. Unknown names raise KeyError now, not later."""
+  weights = {k: float(v) for k, v in weights.items() if float(v) != 0.0}
+  if not weights:
+    raise ValueError("combined_reward needs at least one component with a nonzero weight")
+  extra = extra or {}
+  fns = {name: extra[name] if name in extra else get(name) for name in weights}
+  kwargs_of = {name: accepted_kwargs(f) for name, f in fns.items()}
+
+  def fn(images, specs, reasoning_texts: Optional[Sequence[str]] = None,
+         prompts: Optional[Sequence[str]] = None, metadata: Optional[Sequence] = None) -> dict:
     out, total = {}, np.zeros(len(specs), np.float32)
+    given = {"prompts": prompts, "metadata": metadata}
     for name, f in fns.items():
-      part = f(images, specs, reasoning_texts=reasoning_texts)
+      part = f(images, specs, reasoning_texts=reasoning_texts,
+               **{k: given[k] for k in kwargs_of[name]})
       if "reward" not in part:
         raise KeyError(f"reward fn {name!r} returned no 'reward' key (keys: {sorted(part)})")
       total = total + weights[name] * np.asarray(part["reward"], np.float32)
@@ -58,7 +76,7 @@ def combined_reward(weights: dict[str, float]) -> RewardFn:
   return fn
 
 
-@register("shapeworld")
+@register("shapeworld", requires=("spec",))
 def shapeworld_reward(images, specs, reasoning_texts=None) -> dict:
   """GenEval-style partial score (rewards.shapeworld.score); reward = score."""
   del reasoning_texts
@@ -66,7 +84,7 @@ def shapeworld_reward(images, specs, reasoning_texts=None) -> dict:
   return {"reward": out["score"], **out}
 
 
-@register("shapeworld_strict")
+@register("shapeworld_strict", requires=("spec",))
 def shapeworld_strict_reward(images, specs, reasoning_texts=None) -> dict:
   """1 iff every clause is satisfied; reward = strict."""
   del reasoning_texts
@@ -74,7 +92,7 @@ def shapeworld_strict_reward(images, specs, reasoning_texts=None) -> dict:
   return {"reward": out["strict"], **out}
 
 
-@register("reasoning_match")
+@register("reasoning_match", requires=("spec",))
 def reasoning_match_reward(images, specs, reasoning_texts=None) -> dict:
   """1 iff the trace's final clause parses to the target spec (text-only reward)."""
   del images
