@@ -41,6 +41,9 @@ def score_request(reward_fn: Callable, obj) -> dict:
   if len(shapes) != 1:
     raise protocol.ProtocolError(f"images must share one shape, got {sorted(shapes)}")
   specs = _specs(metadata)
+  if "spec" in getattr(reward_fn, "requires", ()) and None in specs:
+    raise protocol.ProtocolError(f"metadata[{specs.index(None)}] has no 'spec' (a ShapeWorld "
+                                 "scene), which this reward needs")
   kwargs = {k: v for k, v in (("prompts", prompts), ("metadata", metadata))
             if k in registry.accepted_kwargs(reward_fn)}
   out = reward_fn(np.stack(images), specs, reasoning_texts=reasoning, **kwargs)
