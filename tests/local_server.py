@@ -41,7 +41,8 @@ def serve(app: web.Application, max_seconds: float = 120.0):
   try:
     yield f"http://127.0.0.1:{state['port']}"
   finally:
-    loop.call_soon_threadsafe(loop.stop)
+    if not loop.is_closed():  # else it already stopped itself at max_seconds
+      loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
 
 
