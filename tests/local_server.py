@@ -41,8 +41,10 @@ def serve(app: web.Application, max_seconds: float = 120.0):
   try:
     yield f"http://127.0.0.1:{state['port']}"
   finally:
-    if not loop.is_closed():  # else it already stopped itself at max_seconds
+    try:
       loop.call_soon_threadsafe(loop.stop)
+    except RuntimeError:  # closed: it already stopped itself at max_seconds
+      pass
     thread.join(10)
 
 
