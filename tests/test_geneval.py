@@ -128,3 +128,38 @@ def test_prompt_sets_without_what_a_reward_reads_fail_before_compile(tmp_path):
   # ShapeWorld prompts carry a spec: both rewards can read them (GenEval's metadata is derived)
   check_reward_inputs(_config({"shapeworld": 1.0, "geneval": 1.0}, geneval="http://h/score"),
                       PromptFileSource(spec_lines))
+
+
+def test_geneval_reward_sends_images_and_metadata_to_its_server():
+  """A stand-in GenEval server (the protocol, a reward reading GenEval metadata) gets each
+  prompt's metadata intact; ShapeWorld rows get metadata derived from their spec."""
+  from local_server import serve
+  from unigrpo_jax.rewards import registry, remote
+  from unigrpo_jax.rewards import serve as serve_lib
+  seen = []
+
+  def detector(images, specs, reasoning_texts=None, prompts=None, metadata=None):
+    seen.extend(metadata)
+    return {"reward": np.array([geneval.CATEGORIES.index(m["tag"]) for m in metadata],
+                               np.float32),
+            "objects": np.array([len(m["include"]) for m in metadata], np.float32)}
+
+  raw = raw_lines()[::50]  # 12 prompts over all categories
+  images = np.zeros((len(raw) + 1, 8, 8, 3), np.uint8)
+  spec = Spec((Obj("circle", "red"), Obj("square", "blue")), "above")
+  with serve(serve_lib.make_app(detector)) as base:
+    e = remote.entry_defaults("geneval")
+    e.url, e.chunk_size = base + "/score", 5
+    fn = registry.combined_reward({"geneval": 1.0},
+                                  extra=remote.build_reward_fns({"geneval": e}, ["geneval"]))
+    out = fn(images, [None] * len(raw) + [spec], None,
+             prompts=[d["prompt"] for d in raw] + ["a red circle above a blue square"],
+             metadata=[json.dumps(d) for d in raw] + [""])
+  key = lambda m: json.dumps(m, sort_keys=True)  # chunks arrive concurrently, in any order
+  derived = [m for m in seen if "spec" in m]
+  assert sorted(map(key, [m for m in seen if "spec" not in m])) == sorted(map(key, raw))
+  assert len(derived) == 1 and derived[0]["tag"] == "position"
+  assert derived[0]["spec"] == spec.to_dict()
+  np.testing.assert_array_equal(
+      out["reward"], [geneval.CATEGORIES.index(d["tag"]) for d in raw] + [4])
+  np.testing.assert_array_equal(out["geneval/objects"], [len(d["include"]) for d in raw] + [2])
