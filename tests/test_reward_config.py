@@ -112,7 +112,7 @@ def test_training_stops_on_a_failing_reward_server_with_last_checkpoint_intact(t
   ckpt = checkpointing.RunCheckpointer(workdir, keep=2, async_save=False)
   assert ckpt.latest_step() == 2
   ckpt.close()
-  assert "eval/geneval/overall" in rows[0]
+  assert "eval/geneval/overall" in rows[0] and "train/reward/overall" in rows[1]
   np.testing.assert_array_less(-1e-6, [r["train/reward_mean"] for r in rows[1:]])
   # The server is healthy again: the same command resumes from step 2 and finishes.
   with serve(serve_lib.make_app("shapeworld"), max_seconds=900) as base:

@@ -24,7 +24,7 @@ from unigrpo_jax.data.pipeline import PromptFileSource, ShapeWorldSource, make_p
 from unigrpo_jax.data.tokenizer import Tokenizer
 from unigrpo_jax.models import PatchAutoencoder
 from unigrpo_jax.models.image import to_uint8
-from unigrpo_jax.rewards import registry, remote
+from unigrpo_jax.rewards import geneval, registry, remote
 from unigrpo_jax.rl import advantages as adv_lib
 from unigrpo_jax.rl.train_step import (ObjectiveConfig, OptimConfig, init_train_state,
                                        make_train_step)
@@ -89,7 +89,6 @@ def prompt_source(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
 def check_reward_inputs(config: ml_collections.ConfigDict, source) -> None:
   """Every prompt has what each weighted reward reads (a ShapeWorld spec, GenEval metadata):
   ValueError naming the reward and the first prompt without it, before any compile."""
-  from unigrpo_jax.rewards import geneval
   remotes = config.get("remote_rewards") or {}
   for name, w in config.rewards.items():
     if w == 0:
@@ -301,6 +300,9 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "train/nonfinite_skipped_total": float(nonfinite_total),
           "perf/rollout_time_s": t_rollout, "perf/train_time_s": time.time() - t1,
       })
+      # Per prompt category (ShapeWorld's, GenEval's tags, a prompt file's "category").
+      metrics.update(geneval.per_category_accuracy(
+          [c for c in batch["category"] for _ in range(g)], reward, prefix="train/reward/"))
       if step % config.eval_every == 0 or step == config.total_steps:
         metrics.update(evaluate(step))
       metrics["perf/step_time_s"] = time.time() - t0
