@@ -198,3 +198,35 @@ def test_build_reward_fns_validates_before_any_request(monkeypatch):
     remote.build_reward_fns({"x": _entry("http://h/s", token_env="UNIGRPO_TEST_TOKEN")}, ["x"])
   with pytest.raises(ValueError, match=r"config.remote_rewards.j.model: empty"):
     remote.build_reward_fns({"j": _entry("http://h/v1/chat/completions", "vlm_judge")}, ["j"])
+
+
+def test_serve_command_line(tmp_path):
+  import subprocess
+  import sys
+  import urllib.request
+  from local_server import refused_url
+  port = int(refused_url().rsplit(":", 1)[1].split("/")[0])
+  cmd = [sys.executable, "-m", "unigrpo_jax.rewards.serve", "--reward=shapeworld_strict",
+         f"--port={port}"]
+  bad = subprocess.run(cmd[:-2] + ["--reward=nope", "--port=1"], capture_output=True, text=True,
+                       timeout=60)
+  assert bad.returncode == 2 and "--reward: unknown reward 'nope'" in bad.stderr
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    for _ in range(300):
+      try:
+        health = json.loads(urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/health", timeout=1).read())
+        break
+      except OSError:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.1)
+    assert health == {"status": "ok", "reward": "shapeworld_strict"}
+    spec = sw.Spec((sw.Obj("circle", "red"),))
+    out = client(f"http://127.0.0.1:{port}/score").score(
+        np.stack([sw.render(spec), np.zeros((32, 32, 3), np.uint8)]), ["a red circle"] * 2,
+        [{"spec": spec.to_dict()}] * 2)
+    np.testing.assert_array_equal(out["reward"], [1.0, 0.0])
+  finally:
+    proc.terminate()
+    proc.wait(10)
