@@ -63,11 +63,11 @@ def test_cli_new_reward_name_gives_one_line_not_a_traceback(tmp_path):
           in p.stderr.strip().splitlines()[-1])
 
 
-def test_example_config_validates():
-  sys.path.insert(0, REPO)
+def test_example_config_validates(monkeypatch):
+  monkeypatch.syspath_prepend(REPO)
   from configs import bagel_7b_pickscore_vlm
   c = bagel_7b_pickscore_vlm.get_config()
-  os.environ.setdefault("VLM_JUDGE_TOKEN", "x")
+  monkeypatch.setenv("VLM_JUDGE_TOKEN", "x")
   known = set(registry.available()) | set(c.remote_rewards)
   assert {"vlm_judge"} <= set(c.rewards) and set(c.rewards) <= known | {"pickscore"}
   c.rewards = {k: v for k, v in c.rewards.items() if k in known}  # pickscore: another branch
