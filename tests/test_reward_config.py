@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-from aiohttp import web
 
 from local_server import serve
 from test_trainer import tiny_config
