@@ -89,6 +89,8 @@ def base() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
   c.logical_rules = ()  # extra (logical, mesh axis) pairs overriding parallel's defaults
 
+  # name -> weight. Any registered reward or remote_rewards entry; --config.rewards.NAME=W adds
+  # one from the command line (main.py). See docs/rewards.md.
   c.rewards = ml_collections.ConfigDict({"shapeworld": 1.0})
   # Models of the in-process CLIP rewards (rewards/clip.py; docs/clip_rewards.md). *_dir: an HF
   # CLIPModel directory; *_processor_dir: its tokenizer.json + preprocessor_config.json when they
@@ -99,6 +101,11 @@ def base() -> ml_collections.ConfigDict:
   c.reward_models.clip_dir = ""
   c.reward_models.clip_processor_dir = ""
   c.reward_models.batch_size = 32  # images per jitted reward call
+  # Rewards served over HTTP, one entry per reward name (keys: rewards.remote.entry_defaults).
+  from unigrpo_jax.rewards.remote import entry_defaults
+  c.remote_rewards = ml_collections.ConfigDict()
+  c.remote_rewards.vlm_judge = entry_defaults("vlm_judge")  # needs .url and .model
+  c.remote_rewards.geneval = entry_defaults("geneval")  # needs .url (a GenEval-detector server)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_steps = 20

@@ -68,9 +68,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(c.advantage.estimator in ADVANTAGE_ESTIMATORS, "advantage.estimator",
            f"{c.advantage.estimator!r} is not one of {sorted(ADVANTAGE_ESTIMATORS)}")
   _require(len(c.rewards) > 0, "rewards", "needs at least one reward name with a weight")
-  from unigrpo_jax.rewards import registry
-  for name in c.rewards:
-    _require(name in registry.available(), f"rewards.{name}",
-             f"unknown reward; available: {sorted(registry.available())}")
+  validate_rewards(c)
   _require(c.eval.num_steps > 0, "eval.num_steps", "must be positive")
   _require(c.sft.steps > 0 and c.sft.batch_size > 0, "sft", "steps and batch_size must be > 0")
+
+
+def validate_rewards(c: ml_collections.ConfigDict) -> None:
+  """Reward names, weights and the remote entries they use (URL, token env var, judge fields).
+  Contacts no server."""
+  from unigrpo_jax.rewards import registry, remote
+  remotes = c.get("remote_rewards") or {}
+  known = sorted(set(registry.available()) | set(remotes))
+  for name, w in c.rewards.items():
+    _require(name in known, f"rewards.{name}", f"unknown reward; available: {known}")
+    _require(isinstance(w, (int, float)) and not isinstance(w, bool), f"rewards.{name}",
+             f"weight must be a number, got {w!r}")
+  _require(any(w != 0 for w in c.rewards.values()), "rewards", "all weights are 0")
+  try:
+    remote.build_reward_fns(remotes, [n for n, w in c.rewards.items() if w != 0])
+  except ValueError as e:  # already names config.remote_rewards.<name>.<field>
+    raise ConfigError(str(e)) from None

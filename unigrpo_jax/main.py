@@ -8,6 +8,7 @@ The console shows progress, evaluation summaries, warnings and errors; library I
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -19,6 +20,45 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, samples,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+_REWARD_FLAG = re.compile(r"^--config\.rewards\.([^=.]+)(?:=(.*))?$")
+
+
+def split_reward_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+  """Takes ``--config.rewards.NAME=W`` (or ``--config.rewards.NAME W``) out of argv.
+
+  config_flags can only override keys the config file already has, so naming a new reward on
+  the command line would die in the locked ConfigDict; these flags are applied after loading
+  instead (``apply_reward_flags``), for any name, and validated with the rest of the config.
+  """
+  rest, weights, i = [], {}, 0
+  while i < len(argv):
+    m = _REWARD_FLAG.match(argv[i])
+    if m and m.group(2) is None and i + 1 < len(argv):
+      weights[m.group(1)] = argv[i + 1]
+      i += 2
+      continue
+    if m and m.group(2) is not None:
+      weights[m.group(1)] = m.group(2)
+    else:
+      rest.append(argv[i])
+    i += 1
+  return rest, weights
+
+
+def apply_reward_flags(config, weights: dict[str, str]) -> None:
+  """Sets config.rewards[NAME] = float(W); a weight that is not a number is one error line."""
+  for name, text in weights.items():
+    try:
+      w = float(text)
+    except ValueError:
+      sys.exit(f"error: bad config: config.rewards.{name}: weight {text!r} is not a number")
+    with config.rewards.unlocked():
+      config.rewards[name] = w
+
+
+_REWARD_WEIGHTS: dict[str, str] = {}
+
+
 def main(argv):
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -26,6 +66,7 @@ def main(argv):
   from unigrpo_jax.trainers import run
 
   config = _CONFIG.value
+  apply_reward_flags(config, _REWARD_WEIGHTS)
   try:
     config_validation.validate(config)
   except config_validation.ConfigError as e:
@@ -41,4 +82,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  sys.argv, _REWARD_WEIGHTS = split_reward_flags(sys.argv)
   app.run(main)

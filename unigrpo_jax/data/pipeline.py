@@ -85,13 +85,21 @@ class PromptFileSource:
   """User prompts, one per line, validated up front.
 
   A line is either a JSON object {"prompt": str, "spec": {...}, optional "reasoning",
-  "category"} or plain prompt text in the explicit prompt grammar (shapeworld.parse_prompt),
-  whose spec is then parsed. Empty lines, unknown words, bad specs and unparseable plain
-  prompts raise ValueError naming the line number.
+  "category"}, a JSON object without a spec carrying metadata for a reward (GenEval's
+  {"tag", "include", ..., "prompt"} lines, whose tag becomes the category, or {"prompt",
+  "metadata": {...}, optional "category"}), or plain prompt text in the explicit prompt grammar
+  (shapeworld.parse_prompt), whose spec is then parsed. Empty lines, unknown words, bad specs,
+  bad GenEval metadata and unparseable plain prompts raise ValueError naming the line number.
+  ``package://geneval/evaluation_metadata.jsonl`` is GenEval's 553 prompts.
+
+  Records: prompt, reasoning ("" without a spec), spec (JSON, "" without one), category,
+  index, metadata (JSON object text, "" without any).
   """
 
   def __init__(self, path: str | os.PathLike, tokenizer: Optional[Tokenizer] = None):
-    self.path = os.fspath(path)
+    from unigrpo_jax.checkpointing import resolve_path  # package:// -> shipped assets
+    self.path = resolve_path(os.fspath(path)) if os.fspath(path).startswith("package://") \
+        else os.fspath(path)
     tok = tokenizer or Tokenizer.for_shapeworld()
     with open(self.path) as f:
       lines = f.read().splitlines()
@@ -104,15 +112,18 @@ class PromptFileSource:
     if not line.strip():
       raise ValueError(f"{where}: empty line")
     category = "custom"
-    reasoning = None
+    reasoning, metadata = None, None
     if line.lstrip().startswith("{"):
       try:
         d = json.loads(line)
         prompt = d["prompt"]
-        spec = sw.Spec.from_dict(d["spec"])
+        spec = sw.Spec.from_dict(d["spec"]) if "spec" in d else None
       except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: bad JSON prompt line ({e!r})") from None
       reasoning, category = d.get("reasoning"), d.get("category", category)
+      if spec is None:  # a prompt for rewards that read metadata, not a ShapeWorld scene
+        metadata = _line_metadata(d, where)
+        category = d.get("category", metadata.get("tag", category))
     else:
       prompt, spec = line.strip(), None
     for field, text in (("prompt", prompt), ("reasoning", reasoning)):
@@ -124,6 +135,10 @@ class PromptFileSource:
         tok.encode(text)
       except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+    if metadata is not None:
+      return {"prompt": prompt, "reasoning": reasoning or "", "spec": "",
+              "category": str(category), "index": lineno - 1,
+              "metadata": json.dumps(metadata, sort_keys=True)}
     if spec is None:
       try:
         spec = sw.parse_prompt(prompt)
@@ -133,7 +148,7 @@ class PromptFileSource:
     if reasoning is None:
       reasoning = f"{sw.SCENE_PREFIX} {sw.describe(spec)}"
     return {"prompt": prompt, "reasoning": reasoning, "spec": spec.to_json(),
-            "category": str(category), "index": lineno - 1}
+            "category": str(category), "index": lineno - 1, "metadata": ""}
 
   def __len__(self) -> int:
     return len(self._records)
@@ -143,6 +158,24 @@ class PromptFileSource:
 
   def __repr__(self) -> str:
     return f"PromptFileSource({self.path!r}, n={len(self)})"
+
+
+def _line_metadata(d: dict, where: str) -> dict:
+  """The metadata of a spec-less JSON prompt line: its "metadata" object, or the line itself
+  when it is a GenEval line (has "tag" and "include"; validated)."""
+  from unigrpo_jax.rewards import geneval
+  if "metadata" in d:
+    if not isinstance(d["metadata"], dict):
+      raise ValueError(f"{where}: 'metadata' must be a JSON object")
+    m = d["metadata"]
+  elif geneval.is_geneval(d):
+    m = {k: v for k, v in d.items() if k not in ("reasoning", "category")}
+  else:
+    raise ValueError(f"{where}: a JSON prompt line needs a 'spec', a 'metadata' object, or "
+                     "GenEval's 'tag' and 'include'")
+  if geneval.is_geneval(m):
+    geneval.validate_metadata(m, where)
+  return m
 
 
 def collate(records: Sequence[dict]) -> dict:

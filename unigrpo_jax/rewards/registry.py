@@ -1,8 +1,9 @@
 """Reward registry.
 
 A reward fn has signature fn(images, specs, reasoning_texts=None) -> dict of float [B]
-NumPy arrays that includes "reward". Exceptions propagate (the trainer reports them).
-A fn that also declares a ``prompts`` parameter is given the B prompt strings.
+NumPy arrays that includes "reward". Exceptions propagate (the trainer reports them). A fn
+that also takes ``prompts`` and/or ``metadata`` keywords gets them (the row prompts and their
+metadata objects, e.g. GenEval's); remote rewards (rewards.remote) need them.
 Rewards that need settings or a model (pickscore, clip_score) register a *factory*
 ``factory(config) -> reward fn``, built once when ``combined_reward`` gets the config.
 """
@@ -22,11 +23,13 @@ _REGISTRY: dict[str, RewardFn] = {}
 _FACTORIES: dict[str, Callable[..., RewardFn]] = {}
 
 
-def register(name: str) -> Callable[[RewardFn], RewardFn]:
-  """Decorator: register fn under `name` (re-registering a name raises)."""
+def register(name: str, requires: tuple[str, ...] = ()) -> Callable[[RewardFn], RewardFn]:
+  """Decorator: register fn under `name` (re-registering a name raises). ``requires``: what
+  every prompt must carry ("spec": a ShapeWorld scene), checked before training starts."""
   def deco(fn: RewardFn) -> RewardFn:
     if name in _REGISTRY and _REGISTRY[name] is not fn:
       raise ValueError(f"reward {name!r} is already registered")
+    fn.requires = tuple(requires)
     _REGISTRY[name] = fn
     return fn
   return deco
@@ -53,33 +56,45 @@ def get(name: str, config=None) -> RewardFn:
   return _REGISTRY[name]
 
 
+def requirements(name: str) -> tuple[str, ...]:
+  """What every prompt must carry for reward `name` (see ``register``); () if nothing or unknown."""
+  return tuple(getattr(_REGISTRY.get(name), "requires", ()))
+
+
 def available() -> list[str]:
   return sorted({*_REGISTRY, *_FACTORIES})
 
 
-def _takes_prompts(fn: RewardFn) -> bool:
+def accepted_kwargs(f: RewardFn) -> tuple[str, ...]:
+  """Which of the optional keywords ("prompts", "metadata") a reward fn declares."""
   try:
-    return "prompts" in inspect.signature(fn).parameters
+    params = inspect.signature(f).parameters
   except (TypeError, ValueError):  # builtins / C callables have no inspectable signature
-    return False
+    return ()
+  return tuple(k for k in ("prompts", "metadata") if k in params)
 
 
-def combined_reward(weights: dict[str, float], config=None) -> RewardFn:
-  """fn(images, specs, reasoning_texts=None, prompts=None) -> {"reward": sum_n w_n * reward_n,
-  plus each component's outputs as "<name>/<key>"}. Unknown names raise KeyError now, not
-  later; factory rewards (models) are built now from `config`."""
+def combined_reward(weights: dict[str, float], config=None,
+                    extra: Optional[dict[str, RewardFn]] = None) -> RewardFn:
+  """fn(images, specs, reasoning_texts=None, prompts=None, metadata=None) -> {"reward":
+  sum_n w_n * reward_n, plus each component's outputs as "<name>/<key>"}. ``extra`` holds
+  reward fns built from the config (remote rewards); they win over registered names. Factory
+  rewards (models) are built now from ``config``. Components with weight 0 are not called.
+  Unknown names raise KeyError now, not later."""
+  weights = {k: float(v) for k, v in weights.items() if float(v) != 0.0}
   if not weights:
-    raise ValueError("combined_reward needs at least one component")
-  fns = {name: get(name, config) for name in weights}
-  with_prompts = {name for name, f in fns.items() if _takes_prompts(f)}
-  weights = {k: float(v) for k, v in weights.items()}
+    raise ValueError("combined_reward needs at least one component with a nonzero weight")
+  extra = extra or {}
+  fns = {name: extra[name] if name in extra else get(name, config) for name in weights}
+  kwargs_of = {name: accepted_kwargs(f) for name, f in fns.items()}
 
   def fn(images, specs, reasoning_texts: Optional[Sequence[str]] = None,
-         prompts: Optional[Sequence[str]] = None) -> dict:
+         prompts: Optional[Sequence[str]] = None, metadata: Optional[Sequence] = None) -> dict:
     out, total = {}, np.zeros(len(specs), np.float32)
+    given = {"prompts": prompts, "metadata": metadata}
     for name, f in fns.items():
-      extra = {"prompts": prompts} if name in with_prompts else {}
-      part = f(images, specs, reasoning_texts=reasoning_texts, **extra)
+      part = f(images, specs, reasoning_texts=reasoning_texts,
+               **{k: given[k] for k in kwargs_of[name]})
       if "reward" not in part:
         raise KeyError(f"reward fn {name!r} returned no 'reward' key (keys: {sorted(part)})")
       total = total + weights[name] * np.asarray(part["reward"], np.float32)
@@ -90,7 +105,7 @@ def combined_reward(weights: dict[str, float], config=None) -> RewardFn:
   return fn
 
 
-@register("shapeworld")
+@register("shapeworld", requires=("spec",))
 def shapeworld_reward(images, specs, reasoning_texts=None) -> dict:
   """GenEval-style partial score (rewards.shapeworld.score); reward = score."""
   del reasoning_texts
@@ -98,7 +113,7 @@ def shapeworld_reward(images, specs, reasoning_texts=None) -> dict:
   return {"reward": out["score"], **out}
 
 
-@register("shapeworld_strict")
+@register("shapeworld_strict", requires=("spec",))
 def shapeworld_strict_reward(images, specs, reasoning_texts=None) -> dict:
   """1 iff every clause is satisfied; reward = strict."""
   del reasoning_texts
@@ -106,7 +121,7 @@ def shapeworld_strict_reward(images, specs, reasoning_texts=None) -> dict:
   return {"reward": out["strict"], **out}
 
 
-@register("reasoning_match")
+@register("reasoning_match", requires=("spec",))
 def reasoning_match_reward(images, specs, reasoning_texts=None) -> dict:
   """1 iff the trace's final clause parses to the target spec (text-only reward)."""
   del images

@@ -18,6 +18,7 @@ from unigrpo_jax.data.pipeline import PromptFileSource, ShapeWorldSource
 from unigrpo_jax.data.tokenizer import Tokenizer
 from unigrpo_jax.models import PatchAutoencoder, UnifiedModel
 from unigrpo_jax.models.image import to_uint8
+from unigrpo_jax.rewards import geneval
 from unigrpo_jax.rewards import shapeworld as sw_reward
 from unigrpo_jax.sampling.rollout import make_eval_sampler
 from unigrpo_jax.trainers import grid, setup
@@ -77,6 +78,10 @@ class Evaluator:
     for cat, idx in sorted(by_cat.items()):
       metrics[f"eval/acc/{cat}"] = float(np.mean(scores["strict"][idx]))
       metrics[f"eval/score/{cat}"] = float(np.mean(scores["score"][idx]))
+    # The same strict accuracy in GenEval's six categories (ShapeWorld's mapped onto them).
+    metrics.update(geneval.per_category_accuracy(
+        [geneval.shapeworld_geneval_category(r["category"], s)
+         for r, s in zip(self.records, self.specs)], scores["strict"]))
     k = min(self.grid_count, n)
     picture = grid.sample_grid(images[:k], [r["prompt"] for r in self.records[:k]],
                                reasoning[:k], scores["score"][:k])

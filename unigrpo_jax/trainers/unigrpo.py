@@ -25,7 +25,7 @@ from unigrpo_jax.data.pipeline import (PromptFileSource, ShapeWorldSource, make_
 from unigrpo_jax.data.tokenizer import Tokenizer
 from unigrpo_jax.models import PatchAutoencoder
 from unigrpo_jax.models.image import to_uint8
-from unigrpo_jax.rewards import registry
+from unigrpo_jax.rewards import geneval, registry, remote
 from unigrpo_jax.rl import advantages as adv_lib
 from unigrpo_jax.rl.train_step import (ObjectiveConfig, OptimConfig, init_train_state,
                                        make_train_step)
@@ -115,15 +115,50 @@ def prompt_source(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
 
 
 # ------------------------------------------------------------------ rewards
+def check_reward_inputs(config: ml_collections.ConfigDict, source) -> None:
+  """Every prompt has what each weighted reward reads (a ShapeWorld spec, GenEval metadata):
+  ValueError naming the reward and the first prompt without it, before any compile."""
+  if isinstance(source, ShapeWorldSource):  # every task has a spec (GenEval's is derived)
+    return
+  remotes = config.get("remote_rewards") or {}
+  for name, w in config.rewards.items():
+    if w == 0:
+      continue
+    needs_spec = name not in remotes and "spec" in registry.requirements(name)
+    needs_geneval = name in remotes and remotes[name].kind == "geneval"
+    if not (needs_spec or needs_geneval):
+      continue
+    for i in range(len(source)):
+      r = source[i]
+      if needs_spec and not r["spec"]:
+        raise ValueError(f"config.rewards.{name}: reward {name!r} needs a ShapeWorld spec, and "
+                         f"prompt {r['prompt']!r} ({source!r}, record {i}) has none")
+      if needs_geneval:
+        spec = sw.Spec.from_json(r["spec"]) if r["spec"] else None
+        try:
+          geneval.batch_metadata([spec], [r.get("metadata", "")], [r["prompt"]],
+                                 require_geneval=True)
+        except ValueError as e:
+          raise ValueError(f"config.rewards.{name}: reward {name!r} needs GenEval metadata: "
+                           f"{source!r}, record {i}: {e}") from None
+
+
 def score_rollout(reward_fn: Callable, images: np.ndarray, specs: Sequence[sw.Spec],
-                  reasoning: Sequence[str], prompts: Sequence[str]) -> dict:
-  """Calls the reward; on failure names the first prompt whose rows make it raise."""
+                  reasoning: Sequence[str], prompts: Sequence[str],
+                  metadata: Sequence[str] | None = None) -> dict:
+  """Calls the reward; on failure names the first prompt whose rows make it raise. A remote
+  reward's error already names its chunk and prompts: it is not re-run row by row (that would
+  send B more requests to a server that just failed)."""
+  meta = lambda a, b: None if metadata is None else metadata[a:b]
   try:
-    return reward_fn(images, specs, reasoning, prompts=prompts)
+    return reward_fn(images, specs, reasoning, prompts=prompts, metadata=meta(0, len(specs)))
+  except remote.RemoteRewardError as e:
+    raise RewardError(str(e)) from e
   except Exception as batch_error:  # find the culprit row to make the report useful
     for i in range(len(specs)):
       try:
-        reward_fn(images[i:i + 1], specs[i:i + 1], reasoning[i:i + 1], prompts=prompts[i:i + 1])
+        reward_fn(images[i:i + 1], specs[i:i + 1], reasoning[i:i + 1],
+                  prompts=prompts[i:i + 1], metadata=meta(i, i + 1))
       except Exception as row_error:
         raise RewardError(f"reward failed on prompt {prompts[i]!r} (row {i}): "
                           f"{type(row_error).__name__}: {row_error}") from row_error
@@ -161,11 +196,15 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer = setup.tokenizer_for(config)  # a BAGEL directory brings its tokenizer.json
   # --- inputs first: each of these fails with a message before any compile.
   try:
-    reward_fn = registry.combined_reward(dict(config.rewards), config)  # loads reward models
+    weights = dict(config.rewards)
+    reward_fn = registry.combined_reward(  # loads in-process reward models (CLIP) now
+        weights, config, extra=remote.build_reward_fns(config.get("remote_rewards"),
+                                                       list(weights)))
   except KeyError as e:
     raise ValueError(f"config.rewards: {e.args[0]}") from None
   held_out = eval_records(config, tokenizer)
   source = prompt_source(config, tokenizer, held_out)
+  check_reward_inputs(config, source)
   rcfg, ocfg, optcfg = rollout_config(config, tokenizer), objective_config(config, tokenizer), \
       optim_config(config)
   model_cfg, init_params = setup.model_and_params(config, tokenizer)
@@ -249,7 +288,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       t0 = time.time()
       batch = next(loader_iter)
       prompts = list(batch["prompt"])
-      specs = [sw.Spec.from_json(s) for s in batch["spec"]]
+      specs = [sw.Spec.from_json(s) if s else None for s in batch["spec"]]
+      metadata = batch.get("metadata", [""] * len(prompts))
       tokens, mask = encode_prompts(tokenizer, prompts, config.data.max_prompt_len)
       key = jax.random.fold_in(base_key, step)
       traj = rollout_fn(train_state.params, tokens, mask, jax.random.fold_in(key, 0))
@@ -260,7 +300,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       reasoning = decode_reasoning(tokenizer, host[1], host[2])
       row_prompts = [p for p in prompts for _ in range(g)]
       row_specs = [s for s in specs for _ in range(g)]
-      rewards = score_rollout(reward_fn, images, row_specs, reasoning, row_prompts)
+      rewards = score_rollout(reward_fn, images, row_specs, reasoning, row_prompts,
+                              [m for m in metadata for _ in range(g)])
       reward = np.asarray(rewards["reward"], np.float32)
       advantages = adv_lib.get_advantage_fn(config.advantage.estimator)(
           jnp.asarray(reward), g, eps=config.advantage.eps, clip=config.advantage.clip)
@@ -294,6 +335,9 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "train/nonfinite_skipped_total": float(nonfinite_total),
           "perf/rollout_time_s": t_rollout, "perf/train_time_s": time.time() - t1,
       })
+      # Per prompt category (ShapeWorld's, GenEval's tags, a prompt file's "category").
+      metrics.update(geneval.per_category_accuracy(
+          [c for c in batch["category"] for _ in range(g)], reward, prefix="train/reward/"))
       if step % config.eval_every == 0 or step == config.total_steps:
         metrics.update(evaluate(step))
       metrics["perf/step_time_s"] = time.time() - t0
