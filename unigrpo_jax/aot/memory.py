@@ -17,14 +17,16 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 def memory_stats(compiled) -> dict:
   """Bytes per chip: arguments, outputs, temporaries, aliased (outputs reusing donated inputs),
-  generated code, and ``total = arguments + outputs + temporaries - aliased`` (the live peak
-  bound MaxText reports; XLA's own peak estimate is kept as ``xla_peak``)."""
+  generated code, XLA's own peak estimate ``xla_peak``, and ``total``: the larger of
+  ``arguments + outputs + temporaries - aliased`` (the bound MaxText reports) and ``xla_peak``
+  (on TPU, small programs report 0 temporaries but a larger peak: take the conservative one)."""
   m = compiled.memory_analysis()
   out = {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
          "temporaries": int(m.temp_size_in_bytes), "aliased": int(m.alias_size_in_bytes),
          "code": int(m.generated_code_size_in_bytes),
          "xla_peak": int(getattr(m, "peak_memory_in_bytes", 0) or 0)}
-  out["total"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+  out["total"] = max(out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"],
+                     out["xla_peak"])
   return out
 
 

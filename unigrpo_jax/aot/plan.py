@@ -18,7 +18,7 @@ from flax import nnx
 from unigrpo_jax import checkpointing, config_validation, parallel
 from unigrpo_jax.aot import memory, topology
 from unigrpo_jax.data.tokenizer import Tokenizer
-from unigrpo_jax.models import UnifiedModel, count_params
+from unigrpo_jax.models import PatchAutoencoder, UnifiedModel, count_params
 from unigrpo_jax.rl.train_step import abstract_train_state
 from unigrpo_jax.trainers import setup, unigrpo
 
@@ -33,6 +33,17 @@ def _model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
     return checkpointing.model_config_from_meta(checkpointing.read_meta(config.init_checkpoint),
                                                 **runtime)
   return setup.model_and_params(config, tokenizer)[0]
+
+
+def _autoencoder(model_cfg):
+  """-> (autoencoder, note). Pixel-latent models get the trainer's PatchAutoencoder. VAE-latent
+  models (BAGEL: FLUX latents) get patches of the latent grid instead: the FLUX VAE decoder is
+  not implemented, so its cost and memory are NOT in the rollout's figures."""
+  if model_cfg.vae_downsample == 1:
+    return PatchAutoencoder.for_model(model_cfg), "pixel patches (as the trainer)"
+  side = model_cfg.latent_grid * model_cfg.patch_size
+  return (PatchAutoencoder(side, model_cfg.patch_size, model_cfg.image_channels),
+          "latent patches: the VAE decoder is not implemented and not counted")
 
 
 def _with_sharding(tree, shardings):
@@ -136,8 +147,9 @@ def plan(config: ml_collections.ConfigDict, topology_name: str,
       lambda: UnifiedModel(model_cfg, nnx.Rngs(config.seed))))
   params_abstract = _with_sharding(abstract, parallel.state_shardings(abstract, mesh, rules))
   state_abstract = abstract_train_state(params_abstract, ocfg, optcfg, mesh, rules)
+  autoencoder, autoencoder_note = _autoencoder(model_cfg)
   progs = unigrpo.build_programs(config, graphdef, params_abstract, model_cfg, mesh, rules,
-                                 rcfg, ocfg, optcfg)
+                                 rcfg, ocfg, optcfg, autoencoder)
   args = abstract_inputs(config, progs, params_abstract, state_abstract, ocfg, mesh)
   analytic = _analytic(config, model_cfg, ocfg)
   n_params = count_params(nnx.split_state(abstract, nnx.Param, ...)[0])
@@ -152,7 +164,7 @@ def plan(config: ml_collections.ConfigDict, topology_name: str,
                       "reasoning_len": config.rollout.max_reasoning_len,
                       "num_steps": config.rollout.num_steps,
                       "window_size": config.rollout.window_size},
-            "programs": {}}
+            "autoencoder": autoencoder_note, "programs": {}}
   fn = {"rollout": progs.rollout, "train_step": progs.train_step}
   for name in programs:
     log(f"compiling {name} ...")

@@ -39,5 +39,7 @@ def model_and_params(config: ml_collections.ConfigDict, tokenizer: Tokenizer
   if vocab < tokenizer.vocab_size:
     raise ValueError(f"config.model.vocab_size={vocab} is smaller than the tokenizer's "
                      f"{tokenizer.vocab_size}")
+  if config.model.get("num_layers", 0):
+    runtime["num_layers"] = config.model.num_layers
   return get_preset(config.model.preset, vocab_size=vocab, **runtime), None
 

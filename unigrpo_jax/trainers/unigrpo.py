@@ -120,11 +120,14 @@ class Programs:
 
 
 def build_programs(config: ml_collections.ConfigDict, graphdef, params, model_cfg, mesh, rules,
-                   rcfg: RolloutConfig, ocfg: ObjectiveConfig, optcfg: OptimConfig) -> Programs:
+                   rcfg: RolloutConfig, ocfg: ObjectiveConfig, optcfg: OptimConfig,
+                   autoencoder=None) -> Programs:
   """The rollout and train step exactly as the trainer runs them (``unigrpo_jax.aot`` compiles
   these same functions for TPU topologies). ``params``: the full model state, concrete or
-  abstract (only shapes and logical names are read)."""
-  rollout_fn = make_rollout(graphdef, rcfg, PatchAutoencoder.for_model(model_cfg), mesh=mesh)
+  abstract (only shapes and logical names are read). ``autoencoder``: default the model's
+  ``PatchAutoencoder``."""
+  autoencoder = autoencoder or PatchAutoencoder.for_model(model_cfg)
+  rollout_fn = make_rollout(graphdef, rcfg, autoencoder, mesh=mesh)
   train_step = make_train_step(graphdef, params, ocfg, optcfg, mesh, rules)
   return Programs(rollout_fn, train_step,
                   parallel.rows_sharding(mesh, config.rollout.prompts_per_batch),
