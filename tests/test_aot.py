@@ -119,3 +119,16 @@ def test_cli_unknown_topology_exit_2():
                        env={**os.environ, "PYTHONPATH": ROOT})
   assert out.returncode == 2, out.stderr[-2000:]
   assert "unknown topology 'v9-64'; known: v4-8" in out.stderr
+
+
+def test_rollout_rows_are_split_over_chips(libtpu, monkeypatch):
+  """The trainer's rollout computes each row on one chip: without the mesh (the old wiring) XLA
+  kept every row on every chip and the per-chip peak was several times larger."""
+  c = tiny_config(prompts_per_batch=8, group_size=8)
+  peak = lambda: plan.plan(c, "v5e-8", programs=("rollout",), log=lambda m: None)[
+      "programs"]["rollout"]["bytes_per_chip"]["total"]
+  split = peak()
+  from unigrpo_jax.trainers import unigrpo
+  make = unigrpo.make_rollout
+  monkeypatch.setattr(unigrpo, "make_rollout", lambda *a, mesh=None, **k: make(*a, **k))
+  assert peak() > 3 * split
