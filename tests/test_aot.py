@@ -132,3 +132,13 @@ def test_rollout_rows_are_split_over_chips(libtpu, monkeypatch):
   make = unigrpo.make_rollout
   monkeypatch.setattr(unigrpo, "make_rollout", lambda *a, mesh=None, **k: make(*a, **k))
   assert peak() > 3 * split
+
+
+def test_compiler_oom_message_is_parsed():
+  from unigrpo_jax.aot import memory
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (15.79G) exceeds available HBM (15.75G).")  # libtpu 0.0.42.1, v5e-1
+  assert memory.is_oom(RuntimeError(msg))
+  assert memory.parse_oom(msg) == {"required": int(15.79 * 2**30),
+                                   "available": int(15.75 * 2**30)}
+  assert memory.parse_oom("INTERNAL: something else") == {"required": None, "available": None}

@@ -72,3 +72,24 @@ def largest_arguments(abstract_args, top: int = 5) -> list[dict]:
     rows.append({"path": jax.tree_util.keystr(path), "shape": list(leaf.shape),
                  "dtype": str(leaf.dtype), "bytes": int(size)})
   return sorted(rows, key=lambda r: -r["bytes"])[:top]
+
+
+# TPU compiles refuse programs that cannot fit: "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the
+# total memory required for HLO temporaries (15.79G) exceeds available HBM (15.75G)." (G = GiB).
+_OOM = re.compile(r"required[^(]*\(([\d.]+)([KMGT]?)i?B?\)[^(]*available HBM \(([\d.]+)([KMGT]?)")
+_UNIT = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def is_oom(error: Exception) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
+
+
+def parse_oom(message: str) -> dict:
+  """The compiler's out-of-memory message -> {"required": bytes, "available": bytes} (either
+  None when the message does not say)."""
+  m = _OOM.search(message)
+  if not m:
+    return {"required": None, "available": None}
+  return {"required": int(float(m.group(1)) * _UNIT[m.group(2)]),
+          "available": int(float(m.group(3)) * _UNIT[m.group(4)])}

@@ -97,6 +97,17 @@ def _roofline(name, flops_total, cost, topo, config, analytic) -> float:
   return max(compute_s, traffic / chip.hbm_bandwidth)
 
 
+def _oom_entry(error, args, topo, seconds, flops) -> dict:
+  """Report entry of a program the TPU compiler refused for lack of HBM."""
+  need = memory.parse_oom(str(error))
+  total = need["required"] or 0
+  return {"bytes_per_chip": {"total": total, "compiler_message": str(error)[:4000]},
+          "flops": flops, "compile_s": round(seconds, 2), "fits": False,
+          "headroom": 1.0 - total / topo.chip.hbm_bytes,
+          "over_by_bytes": total - topo.chip.hbm_bytes if total else None,
+          "largest_temporaries": [], "largest_arguments": memory.largest_arguments(args)}
+
+
 def abstract_inputs(config, programs, params_abstract, state_abstract, ocfg, mesh):
   """ShapeDtypeStructs (with shardings) of both programs' arguments, as the trainer passes them:
   prompts in ``programs.prompt_sharding``; trajectory and advantages in the batch sharding."""
@@ -169,7 +180,15 @@ def plan(config: ml_collections.ConfigDict, topology_name: str,
   for name in programs:
     log(f"compiling {name} ...")
     t0 = time.perf_counter()
-    compiled = fn[name].lower(*args[name]).compile()
+    try:
+      compiled = fn[name].lower(*args[name]).compile()
+    except Exception as e:  # the TPU compiler itself refuses what cannot fit: report it
+      if not memory.is_oom(e):
+        raise
+      report["programs"][name] = _oom_entry(e, args[name], topo, time.perf_counter() - t0,
+                                            analytic[name])
+      log(f"{name} does not fit: {str(e).splitlines()[0][:300]}")
+      continue
     compile_s = time.perf_counter() - t0
     mem, cost = memory.memory_stats(compiled), memory.cost_stats(compiled)
     fits = mem["total"] <= topo.chip.hbm_bytes
@@ -204,6 +223,11 @@ def format_report(report: dict) -> str:
            f"{'compile s':>9}"]
   for name, p in report["programs"].items():
     m = p["bytes_per_chip"]
+    if "compiler_message" in m:  # refused by the compiler: only its total is known
+      lines.append(f"{name:<11} {'':>8} {'':>8} {'':>8} {'':>8} {gb(m['total'])}  NO   "
+                   f"{100 * p['headroom']:7.1f}% {p['flops'] / 1e12:11.2f} {'':>10} "
+                   f"{p['compile_s']:9.1f}")
+      continue
     lines.append(f"{name:<11} {gb(m['arguments'])} {gb(m['outputs'])} {gb(m['temporaries'])} "
                  f"{gb(m['aliased'])} {gb(m['total'])}  {'yes' if p['fits'] else 'NO':<4} "
                  f"{100 * p['headroom']:7.1f}% {p['flops'] / 1e12:11.2f} "
@@ -215,8 +239,13 @@ def format_report(report: dict) -> str:
   for name, p in report["programs"].items():
     if p["fits"]:
       continue
-    lines.append(f"{name} does NOT fit: needs {p['bytes_per_chip']['total'] / 1e9:.2f} GB, "
-                 f"{p['over_by_bytes'] / 1e9:.2f} GB over. Largest temporaries (per chip):")
+    if "compiler_message" in p["bytes_per_chip"]:
+      lines.append(f"{name} does NOT fit (the TPU compiler refused it): "
+                   f"{p['bytes_per_chip']['compiler_message'][:2000]}")
+    else:
+      lines.append(f"{name} does NOT fit: needs {p['bytes_per_chip']['total'] / 1e9:.2f} GB, "
+                   f"{p['over_by_bytes'] / 1e9:.2f} GB over.")
+    lines.append("  largest temporaries (per chip):")
     for v in p["largest_temporaries"]:
       lines.append(f"  {v['bytes'] / 1e9:8.3f} GB  {v['shape']:<28} {v['opcode']:<14} "
                    f"{v['op_name'][-90:]}")
