@@ -20,7 +20,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unigrpo_jax import parallel
-
 from unigrpo_jax.models.image import Autoencoder
 from unigrpo_jax.models.unified import KVCache, UnifiedModel
 from unigrpo_jax.sampling import flow
