@@ -22,5 +22,7 @@ setup(
     package_data={"unigrpo_jax": ["assets/**/*", "assets/*"]},
     include_package_data=True,
     install_requires=_requirements(),
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
+    # tpu: libtpu for TPU pods, and for `python -m unigrpo_jax.aot` to compile for any TPU slice
+    # on a CPU machine. Pinned to the jax version of requirements.txt.
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"], "tpu": ["jax[tpu]==0.10.2"]},
 )

@@ -3,6 +3,8 @@
     python benchmarks/run.py --quick --out bench_quick.json        # a few minutes on a CPU
     python benchmarks/run.py --out bench.json                      # both presets, full scaling
     python benchmarks/run.py --presets shapes_large --dtype bfloat16 --out bench_gpu.json
+    python benchmarks/run.py --aot v5p-128 --aot-layers 4 --aot-only \
+        --out benchmarks/results/aot_bagel_v5p-128_L4.json   # TPU compile from this CPU
 
 One process measures, in order: the machine's matmul rate and memory bandwidth (``probes``);
 then per model preset: the rollout (whole, and its text part and flow scan alone), the train step,
@@ -384,6 +386,43 @@ def format_report(res: dict) -> str:
   return "\n".join(lines)
 
 
+def bench_aot(topology: str, layers: int) -> dict:
+  """Compiles the ``bagel_7b_mot`` train step of ``configs/tpu_bagel_plan.py`` for a TPU slice
+  (``unigrpo_jax.aot``; needs libtpu) with ``layers`` of its 28 layers (0: all), so that a change
+  that grows memory or compile time shows up in the results history.
+
+  Also checks the analytic FLOPs against XLA's: XLA counts the PPO loop body once per chip, so
+  its step count is ``xla_flops_per_chip * chips * ppo_epochs * num_minibatches * grad_accum``.
+  """
+  from configs import tpu_bagel_plan
+  from unigrpo_jax.aot import plan
+
+  config = tpu_bagel_plan.get_config()
+  if layers:
+    config.model.num_layers = layers
+  log(f"AOT: bagel_7b_mot train step, {layers or 'all'} layers, {topology}")
+  rep = plan.plan(config, topology, programs=("train_step",), log=log)
+  t = rep["programs"]["train_step"]
+  o = config.optim
+  xla_total = (t["xla_flops_per_chip"] * rep["num_chips"] * o.ppo_epochs * o.num_minibatches
+               * o.grad_accum)
+  return {"topology": topology, "num_chips": rep["num_chips"], "preset": "bagel_7b_mot",
+          "num_layers": rep["model"]["num_layers"], "params": rep["params"],
+          "batch": rep["batch"], "hbm_bytes_per_chip": rep["hbm_bytes_per_chip"],
+          "bytes_per_chip": t["bytes_per_chip"], "fits": t["fits"], "headroom": t["headroom"],
+          "flops": t["flops"], "xla_flops": xla_total, "analytic_over_xla": t["flops"] / xla_total,
+          "compile_s": t["compile_s"], "roofline_s": t["roofline_s"]}
+
+
+def format_aot(a: dict) -> str:
+  m = a["bytes_per_chip"]
+  return (f"AOT {a['preset']} train step, {a['num_layers']} layers, {a['topology']} "
+          f"({a['num_chips']} chips): {m['total'] / 1e9:.2f} GB/chip of "
+          f"{a['hbm_bytes_per_chip'] / 1e9:.2f} (args {m['arguments'] / 1e9:.2f}, temps "
+          f"{m['temporaries'] / 1e9:.2f}), fits={a['fits']}, {a['flops'] / 1e12:.1f} TFLOP "
+          f"(analytic/XLA {a['analytic_over_xla']:.3f}), compile {a['compile_s']:.0f}s")
+
+
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true",
@@ -394,12 +433,27 @@ def parse_args(argv=None):
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                   help="model compute dtype (and of the matmul probe); bfloat16 for GPU/TPU")
   ap.add_argument("--out", default=None, help="write the results as JSON here")
+  ap.add_argument("--aot", default=None, metavar="TOPOLOGY",
+                  help="also compile the bagel_7b_mot train step for this TPU slice (e.g. "
+                       "v5p-128; needs libtpu) and record bytes per chip, FLOPs, compile time")
+  ap.add_argument("--aot-layers", type=int, default=4,
+                  help="layers of bagel_7b_mot to compile (0: all 28; fewer compile faster)")
+  ap.add_argument("--aot-only", action="store_true", help="only the --aot section")
   return ap.parse_args(argv)
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
   start = time.perf_counter()
+  if args.aot_only:
+    if not args.aot:
+      raise SystemExit("error: --aot-only needs --aot=TOPOLOGY")
+    res = {"aot": bench_aot(args.aot, args.aot_layers), "wall_s": time.perf_counter() - start}
+    print(format_aot(res["aot"]), flush=True)
+    if args.out:
+      pathlib.Path(args.out).write_text(json.dumps(res, indent=1, default=float))
+      print(f"wrote {args.out}")
+    return res
   presets = (args.presets or ("shapes" if args.quick else "shapes,shapes_large")).split(",")
   pk = probes.peak_matmul(jnp.dtype(args.dtype))
   bw = probes.peak_membw()
@@ -411,9 +465,13 @@ def main(argv=None) -> dict:
   for i, name in enumerate(presets):
     res["presets"][name] = bench_preset(name, args, pk["flops_per_s"], bw["bytes_per_s"],
                                         with_scaling=i == 0)
+  if args.aot:
+    res["aot"] = bench_aot(args.aot, args.aot_layers)
   res["peak_host_memory_bytes"] = probes.peak_host_memory_bytes()
   res["wall_s"] = time.perf_counter() - start
   print(format_report(res), flush=True)
+  if args.aot:
+    print(format_aot(res["aot"]), flush=True)
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps(res, indent=1, default=float))
     print(f"wrote {args.out}")

@@ -22,6 +22,8 @@ def base() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.remat = False
   c.model.image_size = 1024  # BAGEL directories only: training resolution (<= 16 * 64 px)
+  c.model.vocab_size = 0  # 0: the tokenizer's; larger: the preset's real table (AOT planning)
+  c.model.num_layers = 0  # 0: the preset's; fewer: cheaper AOT compiles to extrapolate from
 
   c.data = ml_collections.ConfigDict()
   c.data.prompt_file = ""  # optional: one prompt (or JSON {prompt, spec}) per line

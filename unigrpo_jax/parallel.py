@@ -198,6 +198,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def rows_sharding(mesh: Mesh, rows: int) -> NamedSharding:
+  """Sharding of a [rows, ...] input: split over the batch axes when they divide ``rows``, else
+  replicated (e.g. 32 prompts on 64 chips: the rollout splits the rows after the group repeat)."""
+  return batch_sharding(mesh) if rows % batch_parallelism(mesh) == 0 else replicated(mesh)
+
+
 def batch_parallelism(mesh: Mesh) -> int:
   """Number of batch shards (data * fsdp); batch sizes must be multiples of it."""
   return mesh.shape["data"] * mesh.shape["fsdp"]

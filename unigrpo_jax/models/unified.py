@@ -250,7 +250,7 @@ class UnifiedModel(nnx.Module):
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       prefix = (None, None, None) if cache is None else (cache.k[i], cache.v[i], cache.valid)
-      call = nnx.remat(_call_layer, static_argnums=(11,)) if cfg.remat else _call_layer
+      call = _remat_layer if cfg.remat else _call_layer
       text_x, image_x, marker_x, tk, tv = call(layer, text_x, positions, text_mask, text_valid,
                                                image_x, marker_x, image_position, *prefix,
                                                stop_context_grad)
@@ -282,6 +282,23 @@ def _call_layer(layer, text_x, text_pos, text_mask, text_valid, image_x, marker_
                 prefix_k, prefix_v, prefix_valid, stop_context_grad):
   return layer(text_x, text_pos, text_mask, text_valid, image_x, marker_x, image_pos, prefix_k,
                prefix_v, prefix_valid, stop_context_grad)
+
+
+def _remat_layer(layer, *args):
+  """``_call_layer`` under ``jax.checkpoint`` over the layer's split state.
+
+  Not ``nnx.remat``: that writes the layer's state back after the call, which raises
+  TraceContextError when the layer belongs to a model created outside the current trace (the
+  frozen reference merged inside the train step's ``value_and_grad``). A layer call never
+  mutates its state, so checkpointing a pure function of (state, inputs) is equivalent.
+  The last argument (stop_context_grad) is a Python bool: static.
+  """
+  graphdef, state = nnx.split(layer)
+
+  def pure(state, *args):
+    return _call_layer(nnx.merge(graphdef, state), *args)
+
+  return jax.checkpoint(pure, static_argnums=(len(args),))(state, *args)
 
 
 def count_params(model_or_state, exclude: tuple[str, ...] = ()) -> int:

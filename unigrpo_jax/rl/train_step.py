@@ -375,18 +375,29 @@ def train_state_shardings(abstract_params: nnx.State, objective_cfg: ObjectiveCo
   return TrainState(params=params_sh, opt_state=opt_sh, step=repl)
 
 
+def _new_train_state(params: nnx.State, tx) -> TrainState:
+  return TrainState(params=params, opt_state=tx.init(split_params(params)[0]),
+                    step=jnp.zeros((), jnp.int32))
+
+
 def init_train_state(params: nnx.State, objective_cfg: ObjectiveConfig, optim_cfg: OptimConfig,
                      mesh: Mesh, rules=None, *, compiler_options=None) -> TrainState:
   """Creates the TrainState (a copy of ``params``, fresh optimizer state) in its sharding."""
   shardings = train_state_shardings(params, objective_cfg, optim_cfg, mesh, rules)
   tx = make_optimizer(optim_cfg, objective_cfg)
+  return jax.jit(functools.partial(_new_train_state, tx=tx), in_shardings=(shardings.params,),
+                 out_shardings=shardings, compiler_options=compiler_options)(params)
 
-  def init(params):
-    return TrainState(params=params, opt_state=tx.init(split_params(params)[0]),
-                      step=jnp.zeros((), jnp.int32))
 
-  return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings,
-                 compiler_options=compiler_options)(params)
+def abstract_train_state(abstract_params: nnx.State, objective_cfg: ObjectiveConfig,
+                         optim_cfg: OptimConfig, mesh: Mesh, rules=None) -> TrainState:
+  """The TrainState ``init_train_state`` would create, as ShapeDtypeStructs with its shardings
+  (no arrays: for ahead-of-time compilation)."""
+  shardings = train_state_shardings(abstract_params, objective_cfg, optim_cfg, mesh, rules)
+  tx = make_optimizer(optim_cfg, objective_cfg)
+  shapes = jax.eval_shape(functools.partial(_new_train_state, tx=tx), abstract_params)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                      shardings)
 
 
 def _take_rows(tree, idx):

@@ -11,12 +11,15 @@ cache). No CFG in training (PAPER.md section 2). The cache slot layout is
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from unigrpo_jax import parallel
 from unigrpo_jax.models.image import Autoencoder
 from unigrpo_jax.models.unified import KVCache, UnifiedModel
 from unigrpo_jax.sampling import flow
@@ -104,18 +107,38 @@ def _repeat_rows(tree, g: int):
   return jnp.repeat(tree, g, axis=0)
 
 
+def shard_rows(tree, mesh: Optional[Mesh]):
+  """Constrains every row-major array of ``tree`` (KVCache: rows on axis 1) to be split over the
+  mesh's batch axes, so each chip computes only its rows. A no-op without a mesh or when the
+  rows do not divide evenly (then XLA chooses)."""
+  if mesh is None:
+    return tree
+  n = parallel.batch_parallelism(mesh)
+
+  def one(x, axis=0):
+    if x.shape[axis] % n:
+      return x
+    spec = PartitionSpec(*([None] * axis), parallel.BATCH_AXES)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  if isinstance(tree, KVCache):
+    return KVCache(one(tree.k, 1), one(tree.v, 1), one(tree.valid))
+  return jax.tree.map(one, tree)
+
+
 def reasoning_context(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask: jax.Array,
                       key: jax.Array, sampling: text.SamplingConfig, vision_start_id: int,
-                      group_size: int = 1):
+                      group_size: int = 1, mesh: Optional[Mesh] = None):
   """Prefill once per prompt, repeat G times, decode reasoning, append ``<vision_start>``.
 
-  Args: prompt_tokens / prompt_mask [Bp, P]. Returns (TextSample of B = Bp * G rows whose cache
-  holds the whole [B, P + T + 1] context, image_position [B] int32).
+  Args: prompt_tokens / prompt_mask [Bp, P]; mesh: if given, the B rows are split over its
+  batch axes after the repeat (``shard_rows``). Returns (TextSample of B = Bp * G rows whose
+  cache holds the whole [B, P + T + 1] context, image_position [B] int32).
   """
   p, t = prompt_tokens.shape[1], sampling.max_len
   prompt_mask = prompt_mask.astype(bool)
   cache, last_logits = text.prefill(model, prompt_tokens, prompt_mask, p + t + 1)
-  cache, last_logits, prompt_mask = (_repeat_rows(a, group_size)
+  cache, last_logits, prompt_mask = (shard_rows(_repeat_rows(a, group_size), mesh)
                                      for a in (cache, last_logits, prompt_mask))
   sample = text.decode(model, cache, last_logits, prompt_mask, key, sampling)
   vs_pos = (jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
@@ -127,12 +150,16 @@ def reasoning_context(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask
 
 
 def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoencoder,
-                 compiler_options: dict | None = None):
+                 compiler_options: dict | None = None, *, mesh: Optional[Mesh] = None):
   """Builds the jitted rollout.
 
   Returns ``fn(state, prompt_tokens [Bp, P], prompt_mask [Bp, P], key) -> Trajectory`` with
   B = Bp * group_size rows (each prompt's G rows contiguous). ``state`` is the model's nnx.State.
   compiler_options: passed to ``jax.jit`` (e.g. a low XLA optimisation level for CPU tests).
+  mesh: the rows (and their KV cache, decode loop and denoising) are split over its batch axes
+  and the Trajectory comes out in ``parallel.batch_sharding``; without it XLA is free to compute
+  every row on every chip (it did: 184 GB of temporaries per chip for BAGEL on v5p-128). The
+  inputs keep the shardings they arrive with (``parallel.rows_sharding`` for the prompts).
   """
   grid = flow.timesteps(cfg.num_steps, cfg.shift)
 
@@ -141,7 +168,8 @@ def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoen
     mcfg = model.cfg
     k_text, k_window, k_noise, k_flow = jax.random.split(key, 4)
     sample, image_pos = reasoning_context(model, prompt_tokens, prompt_mask, k_text,
-                                          cfg.sampling, cfg.vision_start_id, cfg.group_size)
+                                          cfg.sampling, cfg.vision_start_id, cfg.group_size,
+                                          mesh)
     b = image_pos.shape[0]
     ctx = sample.cache
 
@@ -152,6 +180,7 @@ def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoen
         k_window, b, tuple(cfg.window_range), cfg.window_size,
         group_size=cfg.group_size if cfg.window_per_group else None)
     noise = jax.random.normal(k_noise, (b, mcfg.num_image_tokens, mcfg.latent_dim), jnp.float32)
+    starts, noise = shard_rows((starts, noise), mesh)
     fs = flow.sample_flow(velocity_fn, noise, grid, k_flow, noise_level=cfg.noise_level,
                           sde_window=(starts, cfg.window_size), sde_type=cfg.sde_type)
     window = WindowRecord(x_t=fs.x_t, x_next=fs.x_next, mean=fs.mean, std=fs.std, t=fs.t,
@@ -163,7 +192,8 @@ def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoen
         reasoning_tokens=sample.tokens, reasoning_mask=sample.mask, reasoning_logp=sample.logp,
         truncated=sample.truncated, window=window, latents=fs.x0, images=images)
 
-  return jax.jit(rollout, compiler_options=compiler_options)
+  out_sh = None if mesh is None else parallel.batch_sharding(mesh)
+  return jax.jit(rollout, out_shardings=out_sh, compiler_options=compiler_options)
 
 
 @flax.struct.dataclass

@@ -59,7 +59,14 @@ def model_and_params(config: ml_collections.ConfigDict, tokenizer: Tokenizer
     abstract = nnx.state(nnx.eval_shape(lambda: UnifiedModel(model_cfg, nnx.Rngs(0))), nnx.Param)
     return model_cfg, checkpointing.load_params(config.init_checkpoint, abstract)
   # A fresh model gets exactly the tokenizer's vocabulary: no id can be sampled that no word has.
-  return get_preset(config.model.preset, vocab_size=tokenizer.vocab_size, **runtime), None
+  # A larger model.vocab_size keeps a real model's table (its shapes, for planning with aot).
+  vocab = config.model.get("vocab_size", 0) or tokenizer.vocab_size
+  if vocab < tokenizer.vocab_size:
+    raise ValueError(f"config.model.vocab_size={vocab} is smaller than the tokenizer's "
+                     f"{tokenizer.vocab_size}")
+  if config.model.get("num_layers", 0):
+    runtime["num_layers"] = config.model.num_layers
+  return get_preset(config.model.preset, vocab_size=vocab, **runtime), None
 
 
 

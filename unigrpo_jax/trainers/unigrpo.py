@@ -7,6 +7,7 @@ randomness is ``fold_in(seed, step)``; the data iterator state is checkpointed).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -114,6 +115,54 @@ def prompt_source(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
   return source
 
 
+# ------------------------------------------------------------------ mesh and compiled programs
+def mesh_and_rules(config: ml_collections.ConfigDict, devices=None):
+  """The run's mesh over ``devices`` (default: all) and its logical rules (None: defaults).
+
+  Fails before any compile when the mesh does not match the devices or the rollout batch
+  ``prompts_per_batch * group_size`` is not a multiple of the mesh's batch parallelism.
+  """
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+  rules = parallel.normalize_rules(tuple(config.logical_rules) + parallel.DEFAULT_RULES) \
+      if config.logical_rules else None
+  batch_rows = config.rollout.prompts_per_batch * config.rollout.group_size
+  if batch_rows % parallel.batch_parallelism(mesh):
+    raise ValueError(f"config.rollout: prompts_per_batch * group_size = {batch_rows} is not a "
+                     f"multiple of the mesh's batch parallelism "
+                     f"{parallel.batch_parallelism(mesh)} (mesh {dict(mesh.shape)})")
+  return mesh, rules
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The two jitted programs of a UniGRPO step and where their batch inputs live.
+
+  rollout(params, prompt_tokens, prompt_mask, key) -> Trajectory (rows split over the mesh);
+  train_step(train_state, ref_params, trajectory, advantages, key) -> (train_state, metrics).
+  prompt_sharding: of the [prompts_per_batch, P] prompt arrays; batch_sharding: of the
+  trajectory and advantages.
+  """
+  rollout: Callable
+  train_step: Callable
+  prompt_sharding: jax.sharding.NamedSharding
+  batch_sharding: jax.sharding.NamedSharding
+
+
+def build_programs(config: ml_collections.ConfigDict, graphdef, params, model_cfg, mesh, rules,
+                   rcfg: RolloutConfig, ocfg: ObjectiveConfig, optcfg: OptimConfig,
+                   autoencoder=None) -> Programs:
+  """The rollout and train step exactly as the trainer runs them (``unigrpo_jax.aot`` compiles
+  these same functions for TPU topologies). ``params``: the full model state, concrete or
+  abstract (only shapes and logical names are read). ``autoencoder``: default the model's
+  ``PatchAutoencoder``."""
+  autoencoder = autoencoder or PatchAutoencoder.for_model(model_cfg)
+  rollout_fn = make_rollout(graphdef, rcfg, autoencoder, mesh=mesh)
+  train_step = make_train_step(graphdef, params, ocfg, optcfg, mesh, rules)
+  return Programs(rollout_fn, train_step,
+                  parallel.rows_sharding(mesh, config.rollout.prompts_per_batch),
+                  parallel.batch_sharding(mesh))
+
+
 # ------------------------------------------------------------------ rewards
 def check_reward_inputs(config: ml_collections.ConfigDict, source) -> None:
   """Every prompt has what each weighted reward reads (a ShapeWorld spec, GenEval metadata):
@@ -212,25 +261,18 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"config.rollout.vocab_limit={rcfg.vocab_limit} exceeds the model's "
                      f"{model_cfg.vocab_size}-row embedding table")
   g = rcfg.group_size
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  rules = parallel.normalize_rules(tuple(config.logical_rules) + parallel.DEFAULT_RULES) \
-      if config.logical_rules else None
-  batch_rows = config.rollout.prompts_per_batch * g
-  if batch_rows % parallel.batch_parallelism(mesh):
-    raise ValueError(f"config.rollout: prompts_per_batch * group_size = {batch_rows} is not a "
-                     f"multiple of the mesh's batch parallelism "
-                     f"{parallel.batch_parallelism(mesh)}")
+  mesh, rules = mesh_and_rules(config)
 
   # --- model, reference, optimizer state (created in their shardings).
   graphdef, params = setup.build_params(config, model_cfg, init_params, mesh, rules)
   ref_params = jax.tree.map(jnp.copy, params) if ocfg.needs_reference else None
   train_state = init_train_state(params, ocfg, optcfg, mesh, rules)
   del params
-  autoencoder = PatchAutoencoder.for_model(model_cfg)
-  rollout_fn = make_rollout(graphdef, rcfg, autoencoder)
-  train_step = make_train_step(graphdef, train_state.params, ocfg, optcfg, mesh, rules)
+  programs = build_programs(config, graphdef, train_state.params, model_cfg, mesh, rules, rcfg,
+                            ocfg, optcfg)
+  rollout_fn, train_step = programs.rollout, programs.train_step
   evaluator = build_evaluator(config, graphdef, model_cfg, tokenizer, held_out)
-  batch_sh = parallel.batch_sharding(mesh)
+  batch_sh = programs.batch_sharding
 
   # --- resume.
   os.makedirs(workdir, exist_ok=True)
@@ -292,6 +334,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       metadata = batch.get("metadata", [""] * len(prompts))
       tokens, mask = encode_prompts(tokenizer, prompts, config.data.max_prompt_len)
       key = jax.random.fold_in(base_key, step)
+      tokens, mask = jax.device_put((tokens, mask), programs.prompt_sharding)
       traj = rollout_fn(train_state.params, tokens, mask, jax.random.fold_in(key, 0))
       host = jax.device_get((traj.images, traj.reasoning_tokens, traj.reasoning_mask,
                              traj.truncated))

@@ -1,0 +1,255 @@
+"""Compiles a config's rollout and train step for a TPU slice and says whether they fit.
+
+Everything is abstract: the model is ``nnx.eval_shape``d (no weights), the train state, reference
+and batch are ShapeDtypeStructs carrying the trainer's shardings, and the mesh is laid over the
+slice's compile-only devices. The two programs are the trainer's own (``unigrpo.build_programs``),
+so what compiles and fits here is what ``python -m unigrpo_jax.main`` would run.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from unigrpo_jax import checkpointing, config_validation, parallel
+from unigrpo_jax.aot import memory, topology
+from unigrpo_jax.data.tokenizer import Tokenizer
+from unigrpo_jax.models import PatchAutoencoder, UnifiedModel, count_params
+from unigrpo_jax.rl.train_step import abstract_train_state
+from unigrpo_jax.trainers import setup, unigrpo
+
+PROGRAMS = ("rollout", "train_step")
+PLANNING_MFU = 0.4  # the README's "seconds per step" assume 40 % of peak
+
+
+def _model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+  """The model's shapes, as ``setup.model_and_params`` gives them, without reading weights."""
+  if config.init_checkpoint:
+    runtime = {k: config.model[k] for k in setup.RUNTIME_FIELDS if k in config.model}
+    return checkpointing.model_config_from_meta(checkpointing.read_meta(config.init_checkpoint),
+                                                **runtime)
+  return setup.model_and_params(config, tokenizer)[0]
+
+
+def _autoencoder(model_cfg):
+  """-> (autoencoder, note). Pixel-latent models get the trainer's PatchAutoencoder. VAE-latent
+  models (BAGEL: FLUX latents) get patches of the latent grid instead: the FLUX VAE decoder is
+  not implemented, so its cost and memory are NOT in the rollout's figures."""
+  if model_cfg.vae_downsample == 1:
+    return PatchAutoencoder.for_model(model_cfg), "pixel patches (as the trainer)"
+  side = model_cfg.latent_grid * model_cfg.patch_size
+  return (PatchAutoencoder(side, model_cfg.patch_size, model_cfg.image_channels),
+          "latent patches: the VAE decoder is not implemented and not counted")
+
+
+def _with_sharding(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                      shardings)
+
+
+def _analytic(config, model_cfg, ocfg) -> dict:
+  """Model FLOPs per call of both programs (all chips): ``benchmarks/flops.py``'s formulas,
+  worst case (every row decodes all T reasoning tokens)."""
+  try:
+    from benchmarks import flops
+  except ImportError as e:
+    raise RuntimeError("unigrpo_jax.aot reads benchmarks/flops.py: run it from the repository "
+                       "root") from e
+  r, p = config.rollout, config.data.max_prompt_len
+  roll = flops.rollout(model_cfg, prompts=r.prompts_per_batch, group_size=r.group_size,
+                       prompt_len=p, decode_steps=r.max_reasoning_len,
+                       reasoning_len=r.max_reasoning_len, num_steps=r.num_steps)
+  train = flops.train_step(model_cfg, rows=r.prompts_per_batch * r.group_size, prompt_len=p,
+                           reasoning_len=r.max_reasoning_len, window_size=r.window_size,
+                           ppo_epochs=config.optim.ppo_epochs,
+                           needs_reference=ocfg.needs_reference,
+                           ref_logits=ocfg.text_kl_coef > 0,
+                           stop_context_grad=ocfg.stop_context_grad)
+  decode = flops.decode_bytes(model_cfg, rows=r.prompts_per_batch * r.group_size, prompt_len=p,
+                              reasoning_len=r.max_reasoning_len,
+                              decode_steps=r.max_reasoning_len)
+  return {"rollout": roll["total"], "train_step": train["total"], "decode_bytes": decode}
+
+
+def _roofline(name, flops_total, cost, topo, config, analytic) -> float:
+  """Seconds per call if the chips ran at peak: max(compute, HBM traffic) per chip.
+
+  Compute: model FLOPs / (chips * peak bf16). HBM traffic per chip: the train step's is XLA's
+  ``bytes accessed`` of one loop iteration times ``ppo_epochs * num_minibatches * grad_accum``
+  iterations (nearly all of the step is inside the loop). The rollout's is every model pass
+  reading the gathered weights (FSDP: each chip holds all of a layer's weights while it runs it)
+  and each decode pass reading this chip's share of the KV cache (``flops.decode_bytes``), plus
+  ``num_steps`` denoising passes over the weights.
+  """
+  chip = topo.chip
+  compute_s = flops_total / (topo.num_chips * chip.peak_flops)
+  if name == "train_step":
+    o = config.optim
+    traffic = cost["bytes_accessed"] * o.ppo_epochs * o.num_minibatches * o.grad_accum
+  else:
+    d = analytic["decode_bytes"]
+    traffic = ((d["passes"] + config.rollout.num_steps) * d["weight_bytes_per_pass"]
+               + (d["passes"] - 1) * d["kv_cache_bytes"] / topo.num_chips)
+  return max(compute_s, traffic / chip.hbm_bandwidth)
+
+
+def _oom_entry(error, args, topo, seconds, flops) -> dict:
+  """Report entry of a program the TPU compiler refused for lack of HBM."""
+  need = memory.parse_oom(str(error))
+  total = need["required"] or 0
+  return {"bytes_per_chip": {"total": total, "compiler_message": str(error)[:4000]},
+          "flops": flops, "compile_s": round(seconds, 2), "fits": False,
+          "headroom": 1.0 - total / topo.chip.hbm_bytes,
+          "over_by_bytes": total - topo.chip.hbm_bytes if total else None,
+          "largest_temporaries": [], "largest_arguments": memory.largest_arguments(args)}
+
+
+def abstract_inputs(config, programs, params_abstract, state_abstract, ocfg, mesh):
+  """ShapeDtypeStructs (with shardings) of both programs' arguments, as the trainer passes them:
+  prompts in ``programs.prompt_sharding``; trajectory and advantages in the batch sharding."""
+  bp, p = config.rollout.prompts_per_batch, config.data.max_prompt_len
+  repl = parallel.replicated(mesh)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=repl)
+  tokens = jax.ShapeDtypeStruct((bp, p), jnp.int32, sharding=programs.prompt_sharding)
+  mask = jax.ShapeDtypeStruct((bp, p), jnp.bool_, sharding=programs.prompt_sharding)
+  rollout_args = (state_abstract.params, tokens, mask, key)
+  traj = jax.eval_shape(programs.rollout, *rollout_args)
+  traj = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                     sharding=programs.batch_sharding), traj)
+  rows = bp * config.rollout.group_size
+  adv = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=programs.batch_sharding)
+  ref = params_abstract if ocfg.needs_reference else None
+  return {"rollout": rollout_args, "train_step": (state_abstract, ref, traj, adv, key)}
+
+
+def plan(config: ml_collections.ConfigDict, topology_name: str,
+         programs: Sequence[str] = PROGRAMS, log=print) -> dict:
+  """Compiles ``programs`` of ``config`` for the slice ``topology_name``; returns the report.
+
+  Raises ValueError (bad config, unknown topology, mesh or batch that does not divide the slice)
+  or RuntimeError (libtpu missing) before compiling anything.
+  """
+  config_validation.validate(config)
+  topo = topology.parse(topology_name)
+  for name in programs:
+    if name not in PROGRAMS:
+      raise ValueError(f"unknown program {name!r}; known: {PROGRAMS}")
+  tokenizer = Tokenizer.for_shapeworld()
+  model_cfg = _model_config(config, tokenizer)
+  rcfg = unigrpo.rollout_config(config, tokenizer)
+  ocfg, optcfg = unigrpo.objective_config(config, tokenizer), unigrpo.optim_config(config)
+  devices = topology.devices(topo)
+  mesh, rules = unigrpo.mesh_and_rules(config, devices)
+  bp = config.rollout.prompts_per_batch
+  rows = bp * config.rollout.group_size
+  n_mb = config.optim.num_minibatches * config.optim.grad_accum
+  if rows % n_mb:
+    raise ValueError(f"rollout batch {rows} is not divisible by num_minibatches * grad_accum = "
+                     f"{n_mb}")
+  log(f"{topo.name}: {topo.num_chips} {topo.chip.generation} chips ({topo.topology_name}), "
+      f"mesh {dict(mesh.shape)}, {topo.chip.hbm_bytes / 1e9:.2f} GB usable HBM per chip")
+
+  graphdef, abstract = nnx.split(nnx.eval_shape(
+      lambda: UnifiedModel(model_cfg, nnx.Rngs(config.seed))))
+  params_abstract = _with_sharding(abstract, parallel.state_shardings(abstract, mesh, rules))
+  state_abstract = abstract_train_state(params_abstract, ocfg, optcfg, mesh, rules)
+  autoencoder, autoencoder_note = _autoencoder(model_cfg)
+  progs = unigrpo.build_programs(config, graphdef, params_abstract, model_cfg, mesh, rules,
+                                 rcfg, ocfg, optcfg, autoencoder)
+  args = abstract_inputs(config, progs, params_abstract, state_abstract, ocfg, mesh)
+  analytic = _analytic(config, model_cfg, ocfg)
+  n_params = count_params(nnx.split_state(abstract, nnx.Param, ...)[0])
+  report = {"topology": topo.name, "topology_name": topo.topology_name,
+            "num_chips": topo.num_chips, "chip": topo.chip.generation,
+            "hbm_bytes_per_chip": topo.chip.hbm_bytes, "mesh": dict(mesh.shape),
+            "params": n_params, "model": {"num_layers": model_cfg.num_layers,
+                                          "dtype": model_cfg.dtype,
+                                          "param_dtype": model_cfg.param_dtype,
+                                          "remat": model_cfg.remat},
+            "batch": {"prompts": bp, "rows": rows, "prompt_len": config.data.max_prompt_len,
+                      "reasoning_len": config.rollout.max_reasoning_len,
+                      "num_steps": config.rollout.num_steps,
+                      "window_size": config.rollout.window_size},
+            "autoencoder": autoencoder_note, "programs": {}}
+  fn = {"rollout": progs.rollout, "train_step": progs.train_step}
+  for name in programs:
+    log(f"compiling {name} ...")
+    t0 = time.perf_counter()
+    try:
+      compiled = fn[name].lower(*args[name]).compile()
+    except Exception as e:  # the TPU compiler itself refuses what cannot fit: report it
+      if not memory.is_oom(e):
+        raise
+      report["programs"][name] = _oom_entry(e, args[name], topo, time.perf_counter() - t0,
+                                            analytic[name])
+      log(f"{name} does not fit: {str(e).splitlines()[0][:300]}")
+      continue
+    compile_s = time.perf_counter() - t0
+    mem, cost = memory.memory_stats(compiled), memory.cost_stats(compiled)
+    fits = mem["total"] <= topo.chip.hbm_bytes
+    entry = {"bytes_per_chip": mem, "flops": analytic[name],
+             "xla_flops_per_chip": cost["flops"],
+             "xla_bytes_accessed_per_chip": cost["bytes_accessed"],
+             "roofline_s": _roofline(name, analytic[name], cost, topo, config, analytic),
+             "compile_s": round(compile_s, 2), "fits": bool(fits),
+             "headroom": 1.0 - mem["total"] / topo.chip.hbm_bytes}
+    if not fits:
+      entry["over_by_bytes"] = mem["total"] - topo.chip.hbm_bytes
+      entry["largest_temporaries"] = memory.largest_values(compiled.as_text())
+      entry["largest_arguments"] = memory.largest_arguments(args[name])
+    report["programs"][name] = entry
+    del compiled
+  total_flops = sum(analytic[n] for n in programs)
+  report["step_s_at_40pct_mfu"] = total_flops / (
+      topo.num_chips * topo.chip.peak_flops * PLANNING_MFU)
+  report["fits"] = all(p["fits"] for p in report["programs"].values())
+  return report
+
+
+def format_report(report: dict) -> str:
+  """A human-readable table of ``plan``'s report."""
+  gb = lambda b: f"{b / 1e9:8.2f}"
+  hbm = report["hbm_bytes_per_chip"]
+  lines = [f"{report['topology']} ({report['topology_name']}): {report['num_chips']} "
+           f"{report['chip']} chips, mesh {report['mesh']}, {report['params'] / 1e9:.3f} B params, "
+           f"usable HBM {hbm / 1e9:.2f} GB/chip",
+           f"{'program':<11} {'args':>8} {'outputs':>8} {'temps':>8} {'aliased':>8} "
+           f"{'total':>8}  {'fits':<4} {'headroom':>8} {'TFLOP/call':>11} {'roofline s':>10} "
+           f"{'compile s':>9}"]
+  for name, p in report["programs"].items():
+    m = p["bytes_per_chip"]
+    if "compiler_message" in m:  # refused by the compiler: only its total is known
+      lines.append(f"{name:<11} {'':>8} {'':>8} {'':>8} {'':>8} {gb(m['total'])}  NO   "
+                   f"{100 * p['headroom']:7.1f}% {p['flops'] / 1e12:11.2f} {'':>10} "
+                   f"{p['compile_s']:9.1f}")
+      continue
+    lines.append(f"{name:<11} {gb(m['arguments'])} {gb(m['outputs'])} {gb(m['temporaries'])} "
+                 f"{gb(m['aliased'])} {gb(m['total'])}  {'yes' if p['fits'] else 'NO':<4} "
+                 f"{100 * p['headroom']:7.1f}% {p['flops'] / 1e12:11.2f} "
+                 f"{p['roofline_s']:10.3f} {p['compile_s']:9.1f}")
+  lines.append("(GB per chip; FLOPs are model FLOPs per call over all chips; roofline = max of "
+               "FLOPs at peak bf16 and HBM traffic at peak bandwidth)")
+  lines.append(f"estimated seconds per UniGRPO step at 40% MFU: "
+               f"{report['step_s_at_40pct_mfu']:.2f}")
+  for name, p in report["programs"].items():
+    if p["fits"]:
+      continue
+    if "compiler_message" in p["bytes_per_chip"]:
+      lines.append(f"{name} does NOT fit (the TPU compiler refused it): "
+                   f"{p['bytes_per_chip']['compiler_message'][:2000]}")
+    else:
+      lines.append(f"{name} does NOT fit: needs {p['bytes_per_chip']['total'] / 1e9:.2f} GB, "
+                   f"{p['over_by_bytes'] / 1e9:.2f} GB over.")
+    lines.append("  largest temporaries (per chip):")
+    for v in p["largest_temporaries"]:
+      lines.append(f"  {v['bytes'] / 1e9:8.3f} GB  {v['shape']:<28} {v['opcode']:<14} "
+                   f"{v['op_name'][-90:]}")
+    lines.append("  largest argument shards (per chip):")
+    for a in p["largest_arguments"]:
+      lines.append(f"  {a['bytes'] / 1e9:8.3f} GB  {a['dtype']}{a['shape']}  {a['path'][:90]}")
+  return "\n".join(lines)
