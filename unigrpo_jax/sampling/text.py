@@ -168,12 +168,13 @@ def decode_step(model: UnifiedModel, state: DecodeState, prompt_slots: int,
   tok = jnp.where(live, tok, cfg.pad_id)
   logp = jnp.where(live, logp, 0.0)
   col = lambda buf, val: jax.lax.dynamic_update_slice(buf, val[:, None], (0, step))
+  # Each layer writes the token's key/value into slot P + step in place, then attends over the
+  # cache: the carried cache is updated, never concatenated or copied.
   out = model(tok[:, None], (state.prompt_len + step)[:, None], live[:, None],
-              cache=state.cache)
-  cache = state.cache.write(out.text_k, out.text_v, prompt_slots + step, live[:, None])
+              cache=state.cache, cache_slot=prompt_slots + step)
   return state.replace(
       tokens=col(state.tokens, tok), logp=col(state.logp, logp), mask=col(state.mask, live),
-      done=state.done | (live & (tok == cfg.stop_id)), step=step + 1, cache=cache,
+      done=state.done | (live & (tok == cfg.stop_id)), step=step + 1, cache=out.cache,
       logits=out.logits[:, 0])
 
 
@@ -215,8 +216,8 @@ def append_token(model: UnifiedModel, cache: KVCache, token_id: int, slot: int,
   tokens = jnp.full((b, 1), token_id, jnp.int32)
   valid = jnp.ones((b, 1), bool)
   out = model(tokens, position[:, None].astype(jnp.int32), valid, cache=cache,
-              compute_logits=False)
-  return cache.write(out.text_k, out.text_v, slot, valid)
+              compute_logits=False, cache_slot=slot)
+  return out.cache
 
 
 def sample_text(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask: jax.Array,
