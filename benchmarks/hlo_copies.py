@@ -134,7 +134,7 @@ def cache_materialisations(hlo_text: str, layer_buffer_elements: int,
   for body in while_bodies(hlo_text):
     for line in comps[body]:
       m = _INSTR.search(line)
-      if not m or m.group(3) in _NOT_NEW:
+      if not m or m.group(3) in _NOT_NEW or m.group(3).startswith("copy"):  # cache_copies
         continue
       dims = _dims(m.group(2))
       if math.prod(dims) < layer_buffer_elements:

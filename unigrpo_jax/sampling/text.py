@@ -7,7 +7,12 @@ writes ``<vision_start>`` at slot ``P + T`` with position ``p + r``. This is exa
 
 Everything is a pure function of arrays (a merged nnx module is only read, never mutated), so the
 functions can be called inside one jitted rollout; ``make_text_sampler`` is a standalone jitted
-prefill + decode over ``(graphdef, state)``.
+prefill + decode over ``(graphdef, state)``, ``make_prefill_decode`` the same as two jitted calls
+(the decode one takes the cache donated).
+
+The cache is never copied while decoding: each decode step's layers write the new token's
+key/value into their own cache buffer in place and attend over it (``UnifiedModel`` with
+``cache_slot``), so a step costs the cache's read and one slot's write per layer, not a copy.
 """
 from __future__ import annotations
 
@@ -241,3 +246,28 @@ def make_text_sampler(graphdef: nnx.GraphDef, cfg: SamplingConfig,
     return sample_text(nnx.merge(graphdef, state), prompt_tokens, prompt_mask, key, cfg)
 
   return jax.jit(fn, compiler_options=compiler_options)
+
+
+def make_prefill_decode(graphdef: nnx.GraphDef, cfg: SamplingConfig,
+                        cache_len: Optional[int] = None,
+                        compiler_options: Optional[dict] = None):
+  """The text sampler as two jitted calls, for timing each half and reusing a cache.
+
+  Returns ``(prefill_fn, decode_fn)``:
+    ``prefill_fn(state, prompt_tokens [B, P], prompt_mask [B, P]) -> (cache, last_logits [B, V])``
+    with ``cache_len`` slots (default P + T + 1);
+    ``decode_fn(state, cache, last_logits, prompt_mask, key) -> TextSample``. The cache argument
+    is donated: its buffers become the loop's carry and the returned cache, so decoding allocates
+    no second cache (do not reuse the cache passed in).
+  """
+
+  def prefill_fn(state, prompt_tokens, prompt_mask):
+    p = prompt_tokens.shape[1]
+    length = p + cfg.max_len + 1 if cache_len is None else cache_len
+    return prefill(nnx.merge(graphdef, state), prompt_tokens, prompt_mask, length)
+
+  def decode_fn(state, cache, last_logits, prompt_mask, key):
+    return decode(nnx.merge(graphdef, state), cache, last_logits, prompt_mask, key, cfg)
+
+  return (jax.jit(prefill_fn, compiler_options=compiler_options),
+          jax.jit(decode_fn, donate_argnums=(1,), compiler_options=compiler_options))
