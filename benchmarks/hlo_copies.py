@@ -115,14 +115,16 @@ def _dims(text: str) -> tuple[int, ...]:
 
 
 def cache_materialisations(hlo_text: str, layer_buffer_elements: int,
-                           cache_len: int) -> list[Copy]:
+                           cache_len) -> list[Copy]:
   """Loop-body instructions that build a new cache-sized array (see the module docstring).
 
   An instruction counts when it has >= ``layer_buffer_elements`` elements and a dimension in
-  ``[cache_len, cache_len + 8]`` (the cache, or the cache concatenated with a few new slots), and is
-  neither a view (bitcast, tuple element) nor an in-place ``dynamic-update-slice`` (also as the
-  root of a fusion).
+  ``[n, n + 8]`` for a cache length n in ``cache_len`` (an int, or several for a decode with
+  several attention windows): the cache, or the cache concatenated with a few new slots. Views
+  (bitcast, tuple element) and the in-place ``dynamic-update-slice`` (also as the root of a
+  fusion) do not count.
   """
+  lengths = (cache_len,) if isinstance(cache_len, int) else tuple(cache_len)
   comps = split_computations(hlo_text)
   roots = {}
   for name, lines in comps.items():
@@ -139,7 +141,7 @@ def cache_materialisations(hlo_text: str, layer_buffer_elements: int,
       dims = _dims(m.group(2))
       if math.prod(dims) < layer_buffer_elements:
         continue
-      if not any(cache_len <= d <= cache_len + 8 for d in dims):
+      if not any(n <= d <= n + 8 for d in dims for n in lengths):
         continue
       called = _CALLED_ONE.findall(line)
       if m.group(3) == "fusion" and called and roots.get(called[0]) == "dynamic-update-slice":

@@ -65,6 +65,42 @@ def test_donated_decode_has_no_cache_copies_and_reuses_the_buffers(split_model):
   assert all(buf.is_deleted() for buf in cache.k + cache.v)
 
 
+def test_windowed_decode_same_sample_and_no_copies(split_model):
+  """Several attention windows (a loop each, cache regrown between them) give the same tokens,
+  log-probs and final cache as one loop over the whole cache, and no loop copies its cache."""
+  graphdef, state = split_model
+  tokens, mask = _prompts()
+  s_long, window = 24, 6
+  widths = text.attention_windows(P, T, s_long, window)
+  assert widths == [12, P + T], widths
+  outs = []
+  for w in (window, 0):
+    prefill_fn, decode_fn = text.make_prefill_decode(graphdef, SAMPLING, cache_len=s_long,
+                                                     min_window=w)
+    cache, last = prefill_fn(state, tokens, mask)
+    if w:
+      hlo = decode_fn.lower(state, cache, last, mask, jax.random.key(0)).compile().as_text()
+      assert len(hlo_copies.while_bodies(hlo)) >= len(widths)
+      layer = B * CFG.num_kv_heads * min(widths) * CFG.resolved_head_dim
+      assert hlo_copies.cache_copies(hlo, layer) == []
+      assert hlo_copies.cache_materialisations(hlo, layer, widths) == []
+    outs.append(decode_fn(state, cache, last, mask, jax.random.key(0)))
+  windowed, whole = outs
+  assert windowed.cache.length == s_long
+  np.testing.assert_array_equal(windowed.tokens, whole.tokens)
+  np.testing.assert_allclose(windowed.logp, whole.logp, atol=1e-5)
+  np.testing.assert_array_equal(windowed.cache.valid, whole.cache.valid)
+  for got, want in zip(windowed.cache.stacked(), whole.cache.stacked()):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_attention_windows():
+  assert text.attention_windows(32, 64, 97) == [97]  # small caches: one loop
+  assert text.attention_windows(16, 64, 1024) == [80]  # never wider than the slots in use
+  assert text.attention_windows(16, 1024, 1041) == [128, 256, 512, 1024, 1040]
+  assert text.attention_windows(16, 1024, 1041, min_window=0) == [1041]
+
+
 def test_audit_finds_copies_of_a_stacked_concatenated_cache():
   """The audit is not vacuous: the old decode step's pattern (stacked cache, per-layer read,
   concatenate the new slot, write all layers back after the loop body's layers) is flagged."""

@@ -74,6 +74,20 @@ class KVCache:
     """[B, S] validity with [B, T] ``valid`` stored at slots ``slot .. slot+T``."""
     return jax.lax.dynamic_update_slice(self.valid, valid, (0, slot))
 
+  def resized(self, length: int) -> "KVCache":
+    """The first ``length`` slots (``length`` <= S), or all S slots followed by empty ones.
+
+    A copy into new buffers: for changing the attention window between decode phases, not per
+    step."""
+    def fit(a, axis):
+      if length <= a.shape[axis]:
+        return jax.lax.slice_in_dim(a, 0, length, axis=axis)
+      pad = [(0, 0)] * a.ndim
+      pad[axis] = (0, length - a.shape[axis])
+      return jnp.pad(a, pad)
+    return KVCache(tuple(fit(b, 2) for b in self.k), tuple(fit(b, 2) for b in self.v),
+                   fit(self.valid, 1))
+
   def stacked(self) -> tuple[jax.Array, jax.Array]:
     """(k, v) as [L, B, S, Hkv, D] arrays, the layout of ``ModelOutput.text_k`` (a copy: for
     inspection and tests, not for the decode loop)."""
