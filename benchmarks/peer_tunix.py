@@ -49,6 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import flops  # noqa: E402
 from unigrpo_jax.models import UnifiedModel, get_preset  # noqa: E402
 from unigrpo_jax.sampling import text  # noqa: E402
 
@@ -91,17 +92,22 @@ def _block(tree):
                       tree)
 
 
+def project_config(layers: int):
+  return get_preset("tiny", num_layers=layers, qk_norm=False, qkv_bias=True,
+                    tie_embeddings=False, **SHAPES)
+
+
 class Project:
   """The project's sampler at one point."""
 
-  def __init__(self, pt: Point, tokens, mask):
-    cfg = get_preset("tiny", num_layers=pt.layers, qk_norm=False, qkv_bias=True,
-                     tie_embeddings=False, **SHAPES)
+  def __init__(self, pt: Point, tokens, mask, min_window: int = text.MIN_WINDOW):
+    self.cfg = cfg = project_config(pt.layers)
     self.graphdef, self.state = nnx.split(UnifiedModel(cfg, nnx.Rngs(0)))
     sampling = text.SamplingConfig(max_len=pt.new, stop_id=cfg.vocab_size, pad_id=0,
                                    greedy=True)
     self.prefill, self.decode = text.make_prefill_decode(self.graphdef, sampling,
-                                                         cache_len=pt.cache)
+                                                         cache_len=pt.cache,
+                                                         min_window=min_window)
     self.tokens, self.mask = tokens, mask
     self.key = jax.random.key(0)
 
@@ -201,6 +207,45 @@ def compare(pt: Point, repeats: int) -> dict:
           "load_before": load_before, "load_after": os.getloadavg()}
 
 
+def scaling(caches: list[int], prompt: int, new: int, batch: int, layers: int,
+            repeats: int) -> list[dict]:
+  """The project's decode time per step against the bytes a step must read, as the cache grows.
+
+  One attention window over the whole cache (``min_window=0``), so every step reads all S slots:
+  time per step should grow no faster than ``bytes per step = weights + 2 L B S Hkv D * 4``.
+  """
+  rows = []
+  for s in caches:
+    pt = Point(s, prompt, new, batch, layers)
+    tokens = jax.random.randint(jax.random.key(1), (batch, prompt), 1,
+                                SHAPES["vocab_size"] - 1, jnp.int32)
+    proj = Project(pt, tokens, jnp.ones(tokens.shape, bool), min_window=0)
+    for _ in range(2):
+      proj.run()
+    sec = statistics.median(proj.run()[1] for _ in range(repeats))
+    cfg = proj.cfg
+    weights = flops.decode_bytes(cfg, rows=batch, prompt_len=prompt, reasoning_len=new,
+                                 decode_steps=new)["weight_bytes_per_pass"]
+    kv = 2 * layers * batch * s * cfg.num_kv_heads * cfg.resolved_head_dim * 4
+    rows.append({"cache": s, "decode_s": sec, "ms_per_step": 1e3 * sec / new,
+                 "bytes_per_step": weights + kv, "load": os.getloadavg()[0]})
+  for r in rows:
+    r["time_ratio"] = r["ms_per_step"] / rows[0]["ms_per_step"]
+    r["bytes_ratio"] = r["bytes_per_step"] / rows[0]["bytes_per_step"]
+  return rows
+
+
+def scaling_markdown(rows: list[dict], prompt: int, new: int, batch: int, layers: int) -> str:
+  lines = ["", f"## Decode time per step vs cache length (project, one window over the whole "
+               f"cache; P={prompt} T={new} B={batch} L={layers})", "",
+           "| cache slots | ms/step | MB read/step | time ratio | bytes ratio | load |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['cache']} | {r['ms_per_step']:.2f} | {r['bytes_per_step'] / 1e6:.1f} | "
+                 f"{r['time_ratio']:.2f} | {r['bytes_ratio']:.2f} | {r['load']:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
 def to_markdown(rows: list[dict], meta: dict) -> str:
   lines = [
       "# Text sampler: the project vs google-tunix " + meta["tunix"],
@@ -233,6 +278,8 @@ def main(argv=None):
                   help="S:P:T:B:L (cache slots, prompt, new tokens, batch, layers)")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--out", default=None, help="write a markdown table here (and .json beside)")
+  ap.add_argument("--scaling", nargs="*", type=int, default=[128, 256, 512, 1024],
+                  help="cache lengths of the project-only time-vs-bytes table (none: skip it)")
   args = ap.parse_args(argv)
   points = [Point.parse(p) for p in args.points]  # bad input fails before any compile
   try:
@@ -256,11 +303,17 @@ def main(argv=None):
           f"tunix {row['results']['tunix']['decode_s']:.3f}s), prefill ratio "
           f"{row['ratio']['prefill_s']:.2f}, load {row['load_before'][0]:.1f}", flush=True)
   md = to_markdown(rows, meta)
+  scale_rows = []
+  if args.scaling:
+    shape = dict(prompt=16, new=64, batch=8, layers=8)
+    scale_rows = scaling(args.scaling, repeats=args.repeats, **shape)
+    md += scaling_markdown(scale_rows, **shape)
   print(md)
   if args.out:
     out = pathlib.Path(args.out)
     out.write_text(md)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows,
+                                                    "scaling": scale_rows}, indent=1))
   return rows
 
 
