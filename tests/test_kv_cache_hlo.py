@@ -5,15 +5,19 @@ with the new key and written back after all layers), XLA's copy insertion copied
 cache twice for keys and twice for values in every loop iteration, and every layer concatenated
 (copied) its slice. ``benchmarks/hlo_copies.py`` finds both kinds in the compiled text.
 """
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from benchmarks import hlo_copies
-from unigrpo_jax.models import KVCache, UnifiedModel, get_preset
-from unigrpo_jax.sampling import text
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from benchmarks import hlo_copies  # noqa: E402
+from unigrpo_jax.models import KVCache, UnifiedModel, get_preset  # noqa: E402
+from unigrpo_jax.sampling import text  # noqa: E402
 
 B, P, T = 2, 5, 8
 S = P + T + 1
