@@ -55,8 +55,8 @@ def test_decode_bytes_follow_the_cache_length_in_use():
   short = flops.decode_bytes(cfg, rows=3, prompt_len=16, reasoning_len=64, decode_steps=64)
   assert short["kv_decode_bytes"] == per_slot * 81 * 64
   assert short["kv_cache_bytes"] == per_slot * 81
-  # A long one (P 16, T 300, S 317): windows 128 / 256 / 316 cover 112 / 128 / 60 steps.
-  assert flops.decode_widths(16, 300, 300, 317)[::100] == [128, 128, 256]
+  # A long one (P 16, T 300, S 317): windows 128 / 192 / 316 cover 112 / 64 / 124 steps.
+  assert flops.decode_widths(16, 300, 300, 317)[::100] == [128, 128, 316]
   long = flops.decode_bytes(cfg, rows=3, prompt_len=16, reasoning_len=300, decode_steps=300)
-  assert long["kv_decode_bytes"] == per_slot * (112 * 128 + 128 * 256 + 60 * 316)
+  assert long["kv_decode_bytes"] == per_slot * (112 * 128 + 64 * 192 + 124 * 316)
   assert long["decode_total"] == 300 * long["weight_bytes_per_pass"] + long["kv_decode_bytes"]

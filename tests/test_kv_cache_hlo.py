@@ -101,7 +101,7 @@ def test_windowed_decode_same_sample_and_no_copies(split_model):
 def test_attention_windows():
   assert text.attention_windows(32, 64, 97) == [97]  # small caches: one loop
   assert text.attention_windows(16, 64, 1024) == [80]  # never wider than the slots in use
-  assert text.attention_windows(16, 1024, 1041) == [128, 256, 512, 1024, 1040]
+  assert text.attention_windows(16, 1024, 1041) == [128, 192, 320, 512, 768, 1040]
   assert text.attention_windows(16, 1024, 1041, min_window=0) == [1041]
 
 

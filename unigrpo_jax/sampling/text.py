@@ -189,12 +189,14 @@ MIN_WINDOW = 128
 
 def attention_windows(prompt_slots: int, max_len: int, cache_len: int,
                       min_window: int = MIN_WINDOW) -> list[int]:
-  """Static cache widths of the decode phases: W_0 < W_1 < ... (doubling from ``min_window``).
+  """Static cache widths of the decode phases: W_0 < W_1 < ...
 
   Decode step t writes slot P + t and reads slots [0, P + t], so phase j runs the steps with
-  P + t < W_j on a cache of W_j slots: a step reads at most about twice the slots in use instead of
-  all ``cache_len``. The last width is the slots the loop can fill, P + T, or ``cache_len`` if that
-  is not larger than ``min_window``. ``min_window=0`` gives one phase over the whole cache.
+  P + t < W_j on a cache of W_j slots instead of all ``cache_len``. W_0 = max(``min_window``,
+  2 (P + 1)); each next width is 1.5x the last, rounded up to 64 slots, so a step reads at most
+  about 1.5x the slots in use (2x in the first window) for log_1.5(T / W_0) + 1 compiled loops.
+  The last width is the slots the loop can fill, P + T, or ``cache_len`` if that is not larger
+  than ``min_window``. ``min_window=0`` gives one phase over the whole cache.
   """
   need = prompt_slots + max_len
   if min_window <= 0 or cache_len <= min_window:
@@ -202,7 +204,7 @@ def attention_windows(prompt_slots: int, max_len: int, cache_len: int,
   widths, w = [], max(min_window, 2 * (prompt_slots + 1))
   while w < need:
     widths.append(w)
-    w *= 2
+    w = -(-(3 * w // 2) // 64) * 64
   return widths + [need]
 
 
