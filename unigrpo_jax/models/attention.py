@@ -45,13 +45,17 @@ def text_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) ->
     [B, Lq, H, D] in q's dtype.
   """
   b, lq, h, d = q.shape
-  qg = _group(q, k.shape[1])
-  logits = jnp.einsum("bqhgd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+  hkv = k.shape[1]
+  # Queries as [B, Hkv, G * Lq, D] (a small transpose of q, not of the keys): both contractions
+  # are then batched matmuls over (B, Hkv) with the keys/values read as stored.
+  qg = jnp.moveaxis(_group(q, hkv), 1, 3).reshape(b, hkv, -1, d)  # [B, Hkv, G * Lq, D]
+  logits = jnp.einsum("bhqd,bhkd->bhqk", qg, k, preferred_element_type=jnp.float32)
   logits = logits / jnp.sqrt(jnp.float32(d))
+  logits = logits.reshape(b, hkv, h // hkv, lq, -1)
   logits = jnp.where(mask[:, None, None], logits, _MASKED)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v)
-  return out.reshape(b, lq, h, d)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, hkv, h // hkv * lq, -1)
+  out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).reshape(b, hkv, h // hkv, lq, d)
+  return jnp.moveaxis(out, 3, 1).reshape(b, lq, h, d)
 
 
 def block_attention(q: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_valid: jax.Array,
