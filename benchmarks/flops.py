@@ -29,9 +29,11 @@ the cache or the image blocks). ``forward`` counts exactly what is left.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 from unigrpo_jax.models.config import ModelConfig
+from unigrpo_jax.sampling.text import attention_windows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,12 +157,21 @@ def train_step(cfg: ModelConfig, *, rows: int, prompt_len: int, reasoning_len: i
 
 
 # ----------------------------------------------------------------------------- the rollout
+def decode_widths(prompt_len: int, reasoning_len: int, decode_steps: int,
+                  cache_len: int) -> list[int]:
+  """Cache slots each decode step attends over: step t runs in the first attention window W of
+  ``text.attention_windows`` with P + t < W (its own slot included)."""
+  widths = attention_windows(prompt_len, reasoning_len, cache_len)
+  return [next(w for w in widths if prompt_len + t < w) for t in range(decode_steps)]
+
+
 def rollout(cfg: ModelConfig, *, prompts: int, group_size: int, prompt_len: int,
             decode_steps: int, reasoning_len: int, num_steps: int) -> dict:
   """Model FLOPs of one rollout of B = prompts * G rows (cache of S = P + T + 1 slots).
 
     text  = prefill (Bp rows, Lt = P, logits)
-          + decode_steps x decode step (B rows, Lt = 1 over S cache slots, logits)
+          + decode_steps x decode step (B rows, one token over the W slots of its attention
+            window, ``decode_widths``; W = S for caches of up to ``text.MIN_WINDOW`` slots)
           + <vision_start> append (B rows, Lt = 1 over S slots, no logits)
     flow  = num_steps x velocity call (B rows, one block of N tokens over S slots)
 
@@ -170,11 +181,16 @@ def rollout(cfg: ModelConfig, *, prompts: int, group_size: int, prompt_len: int,
   b = prompts * group_size
   s = prompt_len + reasoning_len + 1
   prefill = forward(cfg, batch=prompts, text_len=prompt_len)
-  step = forward(cfg, batch=b, text_len=1, cache_len=s)
+  decode = Flops()
+  for w, count in collections.Counter(
+      decode_widths(prompt_len, reasoning_len, decode_steps, s)).items():
+    # The token's own key is one of the W slots: W - 1 cached slots plus the token.
+    decode += forward(cfg, batch=b, text_len=1, cache_len=w - 1).scale(count)
+  step = decode.scale(1.0 / max(decode_steps, 1))
   append = forward(cfg, batch=b, text_len=1, cache_len=s, logits=False)
-  text = prefill + step.scale(decode_steps) + append
+  text = prefill + decode + append
   flow = forward(cfg, batch=b, num_blocks=1, cache_len=s).scale(num_steps)
-  return {"prefill": prefill.total, "decode_step": step.total, "decode": step.total * decode_steps,
+  return {"prefill": prefill.total, "decode_step": step.total, "decode": decode.total,
           "text": text.total, "flow_step": flow.total / num_steps, "flow": flow.total,
           "total": text.total + flow.total}
 
@@ -185,17 +201,27 @@ def decode_bytes(cfg: ModelConfig, *, rows: int, prompt_len: int, reasoning_len:
 
   Each model pass (1 prefill + ``decode_steps`` decode steps + 1 append) reads the weights a
   text token uses once: ``L`` understanding experts (``W`` matmul weights plus biases and norms),
-  the final norm and the LM head (``d V``), in ``param_dtype``. Each decode/append pass also
-  reads the whole KV cache, ``2 L B S Hkv hd`` values in the compute dtype (dense attention
-  reads every slot). Embedding rows (B per step) and cache writes are negligible.
+  the final norm and the LM head (``d V``), in ``param_dtype``. Each decode step also reads the
+  KV cache slots it attends over, ``2 L B W Hkv hd`` values in the compute dtype, W the cache
+  length in use: the step's attention window (``decode_widths``; the whole cache of
+  S = P + T + 1 slots when S <= ``text.MIN_WINDOW``); the append pass reads all S slots.
+  Embedding rows (B per step) and cache writes (one slot per layer) are negligible; the copies
+  between attention windows (once per window, not per step) are not counted.
+
+  Returns per-part bytes, ``total`` (the text part) and ``decode_total`` (the decode loop alone:
+  ``decode_steps`` passes of weights plus their cache reads).
   """
   itemsize = lambda name: {"float32": 4, "bfloat16": 2, "float16": 2}[name]
   d, hd, hkv = cfg.hidden, cfg.resolved_head_dim, cfg.num_kv_heads
   per_layer = expert_weights(cfg) + 2 * d + cfg.num_heads * hd + 2 * hkv * hd + 2 * hd
   weights = (cfg.num_layers * per_layer + d + d * cfg.vocab_size) * itemsize(cfg.param_dtype)
   s = prompt_len + reasoning_len + 1
-  kv_cache = 2 * cfg.num_layers * rows * s * hkv * hd * itemsize(cfg.dtype)
+  per_slot = 2 * cfg.num_layers * rows * hkv * hd * itemsize(cfg.dtype)
+  kv_cache = per_slot * s
+  kv_decode = per_slot * sum(decode_widths(prompt_len, reasoning_len, decode_steps, s))
   passes = decode_steps + 2
-  total = passes * weights + (decode_steps + 1) * kv_cache
-  return {"weight_bytes_per_pass": weights, "kv_cache_bytes": kv_cache, "passes": passes,
+  decode_total = decode_steps * weights + kv_decode
+  total = passes * weights + kv_decode + kv_cache
+  return {"weight_bytes_per_pass": weights, "kv_cache_bytes": kv_cache,
+          "kv_decode_bytes": kv_decode, "passes": passes, "decode_total": decode_total,
           "total": total}

@@ -45,7 +45,7 @@ from unigrpo_jax import parallel  # noqa: E402
 from unigrpo_jax.data.tokenizer import Tokenizer  # noqa: E402
 from unigrpo_jax.models import PatchAutoencoder, count_params, get_preset  # noqa: E402
 from unigrpo_jax.rl import train_step as ts  # noqa: E402
-from unigrpo_jax.sampling import flow  # noqa: E402
+from unigrpo_jax.sampling import flow, text as text_sampling  # noqa: E402
 from unigrpo_jax.sampling.rollout import make_rollout, reasoning_context  # noqa: E402
 from unigrpo_jax.sampling.trajectory import Trajectory, WindowRecord  # noqa: E402
 from unigrpo_jax.trainers import unigrpo  # noqa: E402
@@ -122,6 +122,28 @@ def text_part(setup: Setup):
   return jax.jit(fn)
 
 
+def time_decode(setup: Setup, prompt_tokens, prompt_mask, key):
+  """The decode loop alone on the rollout's B rows (each prompt repeated G times) and its cache
+  of P + T + 1 slots: median seconds of the donated ``decode_fn``, a fresh (untimed) prefill
+  before each call. Returns (seconds, times, compile seconds)."""
+  g = setup.rcfg.group_size
+  tokens, mask = jnp.repeat(prompt_tokens, g, axis=0), jnp.repeat(prompt_mask, g, axis=0)
+  prefill_fn, decode_fn = text_sampling.make_prefill_decode(setup.graphdef, setup.rcfg.sampling)
+  cache, last = probes.block(prefill_fn(setup.state, tokens, mask))
+  compiled, compile_s = probes.compile_timed(decode_fn, setup.state, cache, last, mask, key)
+
+  def once():
+    cache, last = probes.block(prefill_fn(setup.state, tokens, mask))
+    start = time.perf_counter()
+    probes.block(compiled(setup.state, cache, last, mask, key))
+    return time.perf_counter() - start
+
+  for _ in range(setup.reps["warmup"]):
+    once()
+  times = [once() for _ in range(setup.reps["repeats"])]
+  return float(np.median(times)), times, compile_s
+
+
 def flow_part(setup: Setup):
   """Jitted image half of the rollout: the flow scan (ODE + SDE window) on a fixed text cache."""
   rcfg, mcfg = setup.rcfg, setup.cfg
@@ -162,6 +184,8 @@ def bench_rollout(setup: Setup, peak: float, membw: float):
   scan, flow_compile_s = probes.compile_timed(flow_part(setup), *flow_args)
   flow_sec, _, _ = timed_call(setup, scan, *flow_args)
   log(f"{setup.name}: text part {text_sec:.3f}s, flow scan {flow_sec:.3f}s")
+  dec_sec, dec_times, dec_compile_s = time_decode(setup, prompt_tokens, prompt_mask, key)
+  log(f"{setup.name}: decode loop {dec_sec:.3f}s")
 
   t = setup.rcfg.max_reasoning_len
   mask = np.asarray(traj.reasoning_mask)
@@ -173,6 +197,8 @@ def bench_rollout(setup: Setup, peak: float, membw: float):
   mem = fl.decode_bytes(setup.cfg, rows=setup.rows, prompt_len=setup.prompt_len,
                         reasoning_len=t, decode_steps=decode_steps)
   bound_s = mem["total"] / membw
+  dec_bound_s = mem["decode_total"] / membw
+  cache_len = setup.prompt_len + t + 1
   return {
       "seconds": sec, "times": times, "compile_s": compile_s, "rows": setup.rows,
       "images_per_s": setup.rows / sec, "reasoning_tokens": tokens,
@@ -182,6 +208,11 @@ def bench_rollout(setup: Setup, peak: float, membw: float):
                "tokens_per_s": text_tokens / text_sec, "flops": f["text"],
                "mfu": f["text"] / text_sec / peak, "bytes": mem,
                "membw_bound_s": bound_s, "measured_over_bound": text_sec / bound_s},
+      "decode": {"seconds": dec_sec, "times": dec_times, "compile_s": dec_compile_s,
+                 "steps": decode_steps, "cache_len": cache_len,
+                 "windows": text_sampling.attention_windows(setup.prompt_len, t, cache_len),
+                 "flops": f["decode"], "membw_bound_s": dec_bound_s,
+                 "measured_over_bound": dec_sec / dec_bound_s},
       "flow": {"seconds": flow_sec, "compile_s": flow_compile_s, "steps": setup.rcfg.num_steps,
                "flops": f["flow"], "mfu": f["flow"] / flow_sec / peak},
       "split": {"text": text_sec / (text_sec + flow_sec), "flow": flow_sec / (text_sec + flow_sec)},
@@ -367,6 +398,10 @@ def format_report(res: dict) -> str:
     row("  text (alone)", tx["seconds"], tx["flops"],
         f"{100 * r['split']['text']:.0f}% of text+flow; {tx['tokens_per_s']:.0f} tok/s; "
         f"membw bound {tx['membw_bound_s']:.3f}s (measured/bound {tx['measured_over_bound']:.1f})")
+    dc = r["decode"]
+    row("  decode loop (alone)", dc["seconds"], dc["flops"],
+        f"{dc['steps']} steps, {dc['cache_len']}-slot cache read in windows {dc['windows']}; "
+        f"membw bound {dc['membw_bound_s']:.3f}s (measured/bound {dc['measured_over_bound']:.1f})")
     row("  flow scan (alone)", fw["seconds"], fw["flops"],
         f"{100 * r['split']['flow']:.0f}% of text+flow; {fw['steps']} steps")
     row("train step", t["seconds"], t["flops"]["total"],

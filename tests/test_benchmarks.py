@@ -45,3 +45,18 @@ def test_forward_flops_match_xla_cost_analysis(logits):
   # Only matmuls are counted; XLA adds the elementwise ops (norms, RoPE, softmax): a few %.
   print(analytic.total / xla)
   assert 0.85 < analytic.total / xla <= 1.0, (analytic.total, xla, parts)
+
+
+def test_decode_bytes_follow_the_cache_length_in_use():
+  """The decode bound reads, per step, the slots of the attention window the step runs in."""
+  cfg = get_preset("tiny")
+  per_slot = 2 * cfg.num_layers * 3 * cfg.num_kv_heads * cfg.resolved_head_dim * 4  # B = 3, f32
+  # A short cache (S = 81 <= MIN_WINDOW): every step reads all S slots.
+  short = flops.decode_bytes(cfg, rows=3, prompt_len=16, reasoning_len=64, decode_steps=64)
+  assert short["kv_decode_bytes"] == per_slot * 81 * 64
+  assert short["kv_cache_bytes"] == per_slot * 81
+  # A long one (P 16, T 300, S 317): windows 128 / 192 / 316 cover 112 / 64 / 124 steps.
+  assert flops.decode_widths(16, 300, 300, 317)[::100] == [128, 128, 316]
+  long = flops.decode_bytes(cfg, rows=3, prompt_len=16, reasoning_len=300, decode_steps=300)
+  assert long["kv_decode_bytes"] == per_slot * (112 * 128 + 64 * 192 + 124 * 316)
+  assert long["decode_total"] == 300 * long["weight_bytes_per_pass"] + long["kv_decode_bytes"]

@@ -108,14 +108,26 @@ def test_kv_cache_decode_matches_full_forward(model):
     step = model(tok[:, i:i + 1], pos[:, i:i + 1], cache=cache)
     np.testing.assert_allclose(step.logits[:, 0], full.logits[:, i], **TOL)
     cache = cache.write(step.text_k, step.text_v, i, jnp.ones((b, 1), bool))
+  # In-place mode (the decode loop's): each layer writes its slot, then attends; same logits and
+  # the same cache as read-then-write.
+  inplace = KVCache.zeros(cfg, b, total).write(pre.text_k, pre.text_v, 0,
+                                               jnp.ones((b, prompt_len), bool))
+  for i in range(prompt_len, total):
+    step = model(tok[:, i:i + 1], pos[:, i:i + 1], cache=inplace, cache_slot=i)
+    assert step.text_k is None
+    np.testing.assert_allclose(step.logits[:, 0], full.logits[:, i], **TOL)
+    inplace = step.cache
+  for got, want in zip(inplace.stacked(), cache.stacked()):
+    np.testing.assert_allclose(got, want, **TOL)
+  np.testing.assert_array_equal(inplace.valid, cache.valid)
   # The image block against the cache equals the packed forward, and does not touch the cache.
   x = _latents(cfg, (b,))
   t, ipos = jnp.array([0.7, 0.3]), jnp.full((b,), total)
   cached_k = cache.k
-  via_cache = model(latents=x, times=t, image_position=ipos, cache=cache).velocity
+  via_cache = model(latents=x, times=t, image_position=ipos, cache=cache)
   packed = model(tok, pos, latents=x, times=t, image_position=ipos).velocity
-  np.testing.assert_allclose(via_cache, packed, **TOL)
-  assert cache.k is cached_k
+  np.testing.assert_allclose(via_cache.velocity, packed, **TOL)
+  assert cache.k is cached_k and via_cache.cache is None
 
 
 def test_mot_routing(model):

@@ -233,8 +233,9 @@ def test_append_token_layout(model):
   np.testing.assert_array_equal(cache.valid, lay.valid)
   full = _forward(model, lay.tokens, lay.positions, lay.valid)
   v = np.asarray(lay.valid)
-  np.testing.assert_allclose(np.asarray(cache.k)[:, v], np.asarray(full.text_k)[:, v], atol=1e-5)
-  np.testing.assert_allclose(np.asarray(cache.v)[:, v], np.asarray(full.text_v)[:, v], atol=1e-5)
+  cache_k, cache_v = (np.asarray(a) for a in cache.stacked())
+  np.testing.assert_allclose(cache_k[:, v], np.asarray(full.text_k)[:, v], atol=1e-5)
+  np.testing.assert_allclose(cache_v[:, v], np.asarray(full.text_v)[:, v], atol=1e-5)
 
 
 def test_config_validation():

@@ -10,10 +10,13 @@ One call covers every use:
 
 ========================  ======================================================================
 prefill                   ``model(tokens, positions, text_valid)`` -> logits, text k/v to cache
-decode one token          ``model(tokens[:, None], ..., cache=cache)`` (the cache is read only;
-                          the caller writes the returned k/v into it: see ``KVCache.write``)
-denoise against context   ``model(latents=x, times=t, image_position=p, cache=cache)``
-                          (BAGEL-format configs wrap each block in its two marker tokens)
+decode one token          ``model(tokens[:, None], ..., cache=cache, cache_slot=s)`` -> logits and
+                          ``out.cache``: each layer writes its new key/value into slot ``s`` of
+                          the cache in place, then attends over the whole cache (see ``KVCache``)
+read over a cache         ``model(tokens, ..., cache=cache)``: the cache is read only, the text
+                          k/v are returned (``KVCache.write`` stores them)
+denoise against context   ``model(latents=x, times=t, image_position=p, cache=cache)`` (read only;
+                          BAGEL-format configs wrap each block in its two marker tokens)
 packed training pass      ``model(tokens, ..., latents=[B, K, N, D], times=[B, K], ...)``: text
                           logits and K isolated image blocks' velocities in one forward pass
 ========================  ======================================================================
@@ -38,38 +41,80 @@ from unigrpo_jax.models.layers import (RMSNorm, SwiGLU, annotated_param, fan_in_
 class KVCache:
   """Keys/values of a text context, one slot per position.
 
-  k, v: [num_layers, B, S, Hkv, D]; valid: [B, S] bool (slots holding real tokens).
+  k, v: tuples of ``num_layers`` arrays [B, Hkv, S, D] in the compute dtype, one buffer per layer,
+  head-major (the layout attention reads without a transpose: see ``attention``);
+  valid: [B, S] bool (slots holding real tokens).
+
+  The decode loop never copies it: in ``cache_slot`` mode layer ``i`` writes its new key/value
+  into its own buffer with one ``dynamic_update_slice`` (XLA updates the loop-carried buffer in
+  place), then attends over that buffer as is (``tests/test_kv_cache_hlo.py`` checks the
+  optimized HLO). Separate buffers rather than one [L, ...] array because a dot cannot read a
+  slice of a stacked array in place: on CPU each layer's slice was materialised every step.
   """
-  k: jax.Array
-  v: jax.Array
+  k: tuple
+  v: tuple
   valid: jax.Array
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
-    return cls(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
-               jnp.zeros((batch, length), bool))
+    shape = (batch, cfg.num_kv_heads, length, cfg.resolved_head_dim)
+    buffers = lambda: tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.num_layers))
+    return cls(buffers(), buffers(), jnp.zeros((batch, length), bool))
 
   @property
   def length(self) -> int:
-    return self.k.shape[2]
+    return self.valid.shape[1]
 
   def write(self, k: jax.Array, v: jax.Array, slot, valid: jax.Array) -> "KVCache":
-    """Writes [L, B, T, Hkv, D] keys/values and [B, T] validity at slots ``slot .. slot+T``."""
-    start = (0, 0, slot, 0, 0)
-    return KVCache(jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), start),
-                   jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), start),
-                   jax.lax.dynamic_update_slice(self.valid, valid, (0, slot)))
+    """Writes [L, B, T, Hkv, D] keys/values (``ModelOutput.text_k`` / ``text_v``) and [B, T]
+    validity at slots ``slot .. slot+T``."""
+    put = lambda bufs, new: tuple(write_slots(b, n, slot) for b, n in zip(bufs, new))
+    return KVCache(put(self.k, k), put(self.v, v), self.write_valid(valid, slot))
+
+  def write_valid(self, valid: jax.Array, slot) -> jax.Array:
+    """[B, S] validity with [B, T] ``valid`` stored at slots ``slot .. slot+T``."""
+    return jax.lax.dynamic_update_slice(self.valid, valid, (0, slot))
+
+  def resized(self, length: int) -> "KVCache":
+    """The first ``length`` slots (``length`` <= S), or all S slots followed by empty ones.
+
+    A copy into new buffers: for changing the attention window between decode phases, not per
+    step."""
+    def fit(a, axis):
+      if length <= a.shape[axis]:
+        return jax.lax.slice_in_dim(a, 0, length, axis=axis)
+      pad = [(0, 0)] * a.ndim
+      pad[axis] = (0, length - a.shape[axis])
+      return jnp.pad(a, pad)
+    return KVCache(tuple(fit(b, 2) for b in self.k), tuple(fit(b, 2) for b in self.v),
+                   fit(self.valid, 1))
+
+  def stacked(self) -> tuple[jax.Array, jax.Array]:
+    """(k, v) as [L, B, S, Hkv, D] arrays, the layout of ``ModelOutput.text_k`` (a copy: for
+    inspection and tests, not for the decode loop)."""
+    stack = lambda bufs: jnp.swapaxes(jnp.stack(bufs), 2, 3)
+    return stack(self.k), stack(self.v)
+
+
+def write_slots(buf: jax.Array, new: jax.Array, slot) -> jax.Array:
+  """One layer's buffer [B, Hkv, S, D] with [B, T, Hkv, D] keys (or values) at ``slot .. slot+T``.
+
+  A ``dynamic_update_slice`` of T slots: in place when ``buf`` is a loop carry or donated.
+  """
+  new = attention.heads_first(new).astype(buf.dtype)
+  return jax.lax.dynamic_update_slice(buf, new, (0, 0, slot, 0))
 
 
 @flax.struct.dataclass
 class ModelOutput:
   """logits: [B, L, V] float32 or None; velocity: like the latents given, float32, or None;
-  text_k / text_v: [num_layers, B, L, Hkv, D] of the text segment (to write into a cache)."""
+  text_k / text_v: [num_layers, B, L, Hkv, D] of the text segment (to write into a cache), or
+  None in ``cache_slot`` mode, where ``cache`` is the cache with them written in place."""
   logits: Optional[jax.Array]
   velocity: Optional[jax.Array]
   text_k: Optional[jax.Array]
   text_v: Optional[jax.Array]
+  cache: Optional[KVCache] = None
 
 
 class Expert(nnx.Module):
@@ -134,6 +179,7 @@ class MoTLayer(nnx.Module):
                prefix_k, prefix_v, prefix_valid, stop_context_grad: bool):
     """One layer over the text segment [B, Lt, D] and/or K image blocks [B, K, N, D].
 
+    prefix_k / prefix_v: [B, Hkv, S, D] a read-only cache layer (or None), prefix_valid [B, S].
     marker_x: [B, K, M, D] the blocks' marker tokens (BAGEL's <|vision_start|>/<|vision_end|>,
     M = 2) or None; they share the blocks' position and attention but use the understanding
     expert. Returns (text_x, image_x, marker_x, text_k, text_v); absent segments stay None.
@@ -144,10 +190,10 @@ class MoTLayer(nnx.Module):
     tk = tv = None
     if text_x is not None:
       tq, tk, tv = self.und.qkv(text_x, text_pos)
-      keys = jnp.concatenate(ctx_k + [tk], axis=1)
-      values = jnp.concatenate(ctx_v + [tv], axis=1)
+      ctx_k.append(attention.heads_first(tk)), ctx_v.append(attention.heads_first(tv))
+      keys, values = jnp.concatenate(ctx_k, axis=2), jnp.concatenate(ctx_v, axis=2)
       text_x = self.und.finish(text_x, attention.text_attention(tq, keys, values, text_mask))
-      ctx_k.append(tk), ctx_v.append(tv), ctx_valid.append(text_valid)
+      ctx_valid.append(text_valid)
     if image_x is not None:
       b, nb, n, d = image_x.shape
       flat = image_x.reshape(b, nb * n, d)
@@ -155,10 +201,11 @@ class MoTLayer(nnx.Module):
       split = lambda a, per: a.reshape(b, nb, per, *a.shape[2:])
       iq, ik, iv = (split(a, n) for a in self.gen_expert.qkv(flat, pos))
       if not ctx_k:  # a block with no context at all (e.g. BAGEL's unconditional CFG branch)
-        ctx_k, ctx_v = [ik[:, 0, :0]], [iv[:, 0, :0]]
+        empty = jnp.zeros((b, ik.shape[3], 0, ik.shape[4]), ik.dtype)  # [B, Hkv, 0, D]
+        ctx_k, ctx_v = [empty], [empty]
         ctx_valid = [jnp.zeros((b, 0), bool)]
-      keys = jnp.concatenate(ctx_k, axis=1)
-      values = jnp.concatenate(ctx_v, axis=1)
+      keys = jnp.concatenate(ctx_k, axis=2)
+      values = jnp.concatenate(ctx_v, axis=2)
       if stop_context_grad:  # flow loss must not move the text policy through the context
         keys, values = jax.lax.stop_gradient(keys), jax.lax.stop_gradient(values)
       if marker_x is not None:
@@ -179,6 +226,21 @@ class MoTLayer(nnx.Module):
       image_x = self.gen_expert.finish(flat, out.reshape(b, nb * n, *out.shape[3:]))
       image_x = image_x.reshape(b, nb, n, d)
     return text_x, image_x, marker_x, tk, tv
+
+  def text_into_cache(self, text_x, text_pos, text_mask, cache_k, cache_v, slot):
+    """Text tokens that write their keys/values into this layer's cache, then attend over it.
+
+    Args:
+      text_x: [B, Lt, D]; text_pos: [B, Lt]; text_mask: [B, Lt, S] (``cached_text_mask``).
+      cache_k, cache_v: [B, Hkv, S, D] this layer's cache buffers.
+      slot: first slot of the Lt tokens (int or int32 scalar).
+    Returns:
+      (text_x [B, Lt, D], cache_k, cache_v with the new slots written).
+    """
+    tq, tk, tv = self.und.qkv(text_x, text_pos)
+    cache_k, cache_v = write_slots(cache_k, tk, slot), write_slots(cache_v, tv, slot)
+    text_x = self.und.finish(text_x, attention.text_attention(tq, cache_k, cache_v, text_mask))
+    return text_x, cache_k, cache_v
 
 
 class UnifiedModel(nnx.Module):
@@ -204,7 +266,8 @@ class UnifiedModel(nnx.Module):
                image_position: Optional[jax.Array] = None,
                cache: Optional[KVCache] = None,
                stop_context_grad: bool = False,
-               compute_logits: bool = True) -> ModelOutput:
+               compute_logits: bool = True,
+               cache_slot=None) -> ModelOutput:
     """Forward pass over ``[cache | text | image blocks]``.
 
     Args:
@@ -216,22 +279,31 @@ class UnifiedModel(nnx.Module):
       image_position: [B] the one RoPE position id shared by every image token of a row (with
         ``cfg.block_markers``, also by the block's <|vision_start|> and <|vision_end|>, which
         this call adds around every block itself: the context then ends with the text).
-      cache: read-only context in front of the text segment.
+      cache: read-only context in front of the text segment (without ``cache_slot``).
       stop_context_grad: image blocks read the context keys/values through stop_gradient.
       compute_logits: skip the LM head when only the text k/v are needed.
+      cache_slot: int or int32 scalar: the text tokens are written into ``cache`` at slots
+        ``cache_slot .. cache_slot+Lt`` (each layer in place, before attending) and attend over
+        the valid cache slots up to their own. Text only; the output carries the new cache.
     Returns:
-      ModelOutput (logits [B, Lt, V] f32, velocity like ``latents`` f32, text k/v per layer).
+      ModelOutput (logits [B, Lt, V] f32, velocity like ``latents`` f32, text k/v per layer or,
+      with ``cache_slot``, the updated cache).
     """
     cfg = self.cfg
     if tokens is None and latents is None:
       raise ValueError("UnifiedModel needs tokens, latents, or both")
+    if cache_slot is not None:
+      if cache is None or tokens is None or latents is not None:
+        raise ValueError("cache_slot needs a cache and tokens, and no latents")
+      return self._text_into_cache(tokens, positions, text_valid, cache, cache_slot,
+                                   compute_logits)
     text_x = text_mask = None
     if tokens is not None:
       if positions is None:
         raise ValueError("positions are required with tokens")
       if text_valid is None:
         text_valid = jnp.ones(tokens.shape, bool)
-      text_x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+      text_x = self.embed_text(tokens)
       text_mask = attention.causal_text_mask(text_valid, None if cache is None else cache.valid)
     image_x = None
     single_block = latents is not None and latents.ndim == 3
@@ -267,6 +339,26 @@ class UnifiedModel(nnx.Module):
       if single_block:
         velocity = velocity[:, 0]
     return ModelOutput(logits, velocity, text_k, text_v)
+
+  def _text_into_cache(self, tokens, positions, text_valid, cache: KVCache, slot,
+                       compute_logits: bool) -> ModelOutput:
+    """``cache_slot`` mode of ``__call__`` (decode): no concatenation, no cache-sized copy."""
+    if positions is None:
+      raise ValueError("positions are required with tokens")
+    if text_valid is None:
+      text_valid = jnp.ones(tokens.shape, bool)
+    valid = cache.write_valid(text_valid, slot)
+    mask = attention.cached_text_mask(valid, slot, tokens.shape[1])
+    x = self.embed_text(tokens)
+    k, v = list(cache.k), list(cache.v)
+    for i, layer in enumerate(self.layers):
+      x, k[i], v[i] = layer.text_into_cache(x, positions, mask, k[i], v[i], slot)
+    logits = self.text_logits(x) if compute_logits else None
+    return ModelOutput(logits, None, None, None, KVCache(tuple(k), tuple(v), valid))
+
+  def embed_text(self, tokens: jax.Array) -> jax.Array:
+    """[B, L] token ids -> [B, L, D] embeddings in the compute dtype."""
+    return jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.compute_dtype)
 
   def text_logits(self, h: jax.Array) -> jax.Array:
     """[B, L, D] last hidden states -> [B, L, V] float32 logits."""

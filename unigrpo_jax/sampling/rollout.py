@@ -100,11 +100,9 @@ class RolloutConfig:
 
 
 def _repeat_rows(tree, g: int):
-  """Repeats every row g times (rows of a group contiguous); KVCache k/v have batch on axis 1."""
-  if isinstance(tree, KVCache):
-    return KVCache(jnp.repeat(tree.k, g, axis=1), jnp.repeat(tree.v, g, axis=1),
-                   jnp.repeat(tree.valid, g, axis=0))
-  return jnp.repeat(tree, g, axis=0)
+  """Repeats every row g times (rows of a group contiguous): an array or a KVCache (every
+  leaf of which, per-layer k/v buffers and validity, has the batch on axis 0)."""
+  return jax.tree.map(lambda a: jnp.repeat(a, g, axis=0), tree)
 
 
 def shard_rows(tree, mesh: Optional[Mesh]):

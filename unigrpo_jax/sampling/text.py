@@ -7,7 +7,12 @@ writes ``<vision_start>`` at slot ``P + T`` with position ``p + r``. This is exa
 
 Everything is a pure function of arrays (a merged nnx module is only read, never mutated), so the
 functions can be called inside one jitted rollout; ``make_text_sampler`` is a standalone jitted
-prefill + decode over ``(graphdef, state)``.
+prefill + decode over ``(graphdef, state)``, ``make_prefill_decode`` the same as two jitted calls
+(the decode one takes the cache donated).
+
+The cache is never copied while decoding: each decode step's layers write the new token's
+key/value into their own cache buffer in place and attend over it (``UnifiedModel`` with
+``cache_slot``), so a step costs the cache's read and one slot's write per layer, not a copy.
 """
 from __future__ import annotations
 
@@ -149,39 +154,74 @@ def decode_step(model: UnifiedModel, state: DecodeState, prompt_slots: int,
   tok = jnp.where(live, tok, cfg.pad_id)
   logp = jnp.where(live, logp, 0.0)
   col = lambda buf, val: jax.lax.dynamic_update_slice(buf, val[:, None], (0, step))
+  # Each layer writes the token's key/value into slot P + step in place, then attends over the
+  # cache: the carried cache is updated, never concatenated or copied.
   out = model(tok[:, None], (state.prompt_len + step)[:, None], live[:, None],
-              cache=state.cache)
-  cache = state.cache.write(out.text_k, out.text_v, prompt_slots + step, live[:, None])
+              cache=state.cache, cache_slot=prompt_slots + step)
   return state.replace(
       tokens=col(state.tokens, tok), logp=col(state.logp, logp), mask=col(state.mask, live),
-      done=state.done | (live & (tok == cfg.stop_id)), step=step + 1, cache=cache,
+      done=state.done | (live & (tok == cfg.stop_id)), step=step + 1, cache=out.cache,
       logits=out.logits[:, 0])
 
 
+# Smallest attention window of the decode loop (slots); see ``attention_windows``.
+MIN_WINDOW = 128
+
+
+def attention_windows(prompt_slots: int, max_len: int, cache_len: int,
+                      min_window: int = MIN_WINDOW) -> list[int]:
+  """Static cache widths of the decode phases: W_0 < W_1 < ...
+
+  Decode step t writes slot P + t and reads slots [0, P + t], so phase j runs the steps with
+  P + t < W_j on a cache of W_j slots instead of all ``cache_len``. W_0 = max(``min_window``,
+  2 (P + 1)); each next width is 1.5x the last, rounded up to 64 slots, so a step reads at most
+  about 1.5x the slots in use (2x in the first window) for log_1.5(T / W_0) + 1 compiled loops.
+  The last width is the slots the loop can fill, P + T, or ``cache_len`` if that is not larger
+  than ``min_window``. ``min_window=0`` gives one phase over the whole cache.
+  """
+  need = prompt_slots + max_len
+  if min_window <= 0 or cache_len <= min_window:
+    return [cache_len]
+  widths, w = [], max(min_window, 2 * (prompt_slots + 1))
+  while w < need:
+    widths.append(w)
+    w = -(-(3 * w // 2) // 64) * 64
+  return widths + [need]
+
+
 def decode(model: UnifiedModel, cache: KVCache, last_logits: jax.Array, prompt_mask: jax.Array,
-           key: jax.Array, cfg: SamplingConfig) -> TextSample:
-  """Decodes up to T = cfg.max_len tokens in one ``lax.while_loop`` (stops when all rows are done).
+           key: jax.Array, cfg: SamplingConfig, min_window: int = MIN_WINDOW) -> TextSample:
+  """Decodes up to T = cfg.max_len tokens (stops when all rows are done).
+
+  One ``lax.while_loop`` per attention window (``attention_windows``): between two windows the
+  cache is copied once into the next, wider buffers; within one, every step writes its slot in
+  place and attends over the window only. The sampled tokens do not depend on the windows.
 
   Args:
     cache: from ``prefill`` with >= P + T slots. last_logits: [B, V]. prompt_mask: [B, P].
     key: PRNG key; step t uses ``fold_in(key, t)``.
+    min_window: first window (0: one loop over the whole cache).
   Returns:
-    TextSample ([B, T] tokens / logp / mask, [B] truncated, the updated cache).
+    TextSample ([B, T] tokens / logp / mask, [B] truncated, the updated cache of S slots).
   """
   prompt_slots = prompt_mask.shape[1]
   prompt_mask = prompt_mask.astype(bool)
   graphdef, params = nnx.split(model)
+  cache_len = cache.length
 
   def body(state):
     # Merge inside the body so the loop is a pure function of its carried/closed-over arrays.
     return decode_step(nnx.merge(graphdef, params), state, prompt_slots, cfg)
 
-  def cond(state):
-    return (state.step < cfg.max_len) & ~jnp.all(state.done)
-
   state = init_decode_state(cache, last_logits, prompt_mask, key, cfg)
-  state = jax.lax.while_loop(cond, body, state)
-  return TextSample(state.tokens, state.logp, state.mask, ~state.done, state.cache)
+  for width in attention_windows(prompt_slots, cfg.max_len, cache_len, min_window):
+    last_step = min(cfg.max_len, width - prompt_slots)  # steps < last_step fit in the window
+    cond = lambda s, last_step=last_step: (s.step < last_step) & ~jnp.all(s.done)
+    if width != state.cache.length:
+      state = state.replace(cache=state.cache.resized(width))
+    state = jax.lax.while_loop(cond, body, state)
+  cache = state.cache if state.cache.length == cache_len else state.cache.resized(cache_len)
+  return TextSample(state.tokens, state.logp, state.mask, ~state.done, cache)
 
 
 def append_token(model: UnifiedModel, cache: KVCache, token_id: int, slot: int,
@@ -196,8 +236,8 @@ def append_token(model: UnifiedModel, cache: KVCache, token_id: int, slot: int,
   tokens = jnp.full((b, 1), token_id, jnp.int32)
   valid = jnp.ones((b, 1), bool)
   out = model(tokens, position[:, None].astype(jnp.int32), valid, cache=cache,
-              compute_logits=False)
-  return cache.write(out.text_k, out.text_v, slot, valid)
+              compute_logits=False, cache_slot=slot)
+  return out.cache
 
 
 def sample_text(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask: jax.Array,
@@ -221,3 +261,30 @@ def make_text_sampler(graphdef: nnx.GraphDef, cfg: SamplingConfig,
     return sample_text(nnx.merge(graphdef, state), prompt_tokens, prompt_mask, key, cfg)
 
   return jax.jit(fn, compiler_options=compiler_options)
+
+
+def make_prefill_decode(graphdef: nnx.GraphDef, cfg: SamplingConfig,
+                        cache_len: Optional[int] = None,
+                        compiler_options: Optional[dict] = None,
+                        min_window: int = MIN_WINDOW):
+  """The text sampler as two jitted calls, for timing each half and reusing a cache.
+
+  Returns ``(prefill_fn, decode_fn)``:
+    ``prefill_fn(state, prompt_tokens [B, P], prompt_mask [B, P]) -> (cache, last_logits [B, V])``
+    with ``cache_len`` slots (default P + T + 1);
+    ``decode_fn(state, cache, last_logits, prompt_mask, key) -> TextSample``. The cache argument
+    is donated: its buffers become the loop's carry and the returned cache, so decoding allocates
+    no second cache (do not reuse the cache passed in). ``min_window``: see ``decode``.
+  """
+
+  def prefill_fn(state, prompt_tokens, prompt_mask):
+    p = prompt_tokens.shape[1]
+    length = p + cfg.max_len + 1 if cache_len is None else cache_len
+    return prefill(nnx.merge(graphdef, state), prompt_tokens, prompt_mask, length)
+
+  def decode_fn(state, cache, last_logits, prompt_mask, key):
+    return decode(nnx.merge(graphdef, state), cache, last_logits, prompt_mask, key, cfg,
+                  min_window)
+
+  return (jax.jit(prefill_fn, compiler_options=compiler_options),
+          jax.jit(decode_fn, donate_argnums=(1,), compiler_options=compiler_options))
