@@ -106,21 +106,19 @@ def _repeat_rows(tree, g: int):
 
 
 def shard_rows(tree, mesh: Optional[Mesh]):
-  """Constrains every row-major array of ``tree`` (KVCache: rows on axis 1) to be split over the
-  mesh's batch axes, so each chip computes only its rows. A no-op without a mesh or when the
+  """Constrains every row-major array of ``tree`` (a KVCache's per-layer buffers included: rows
+  on axis 0) to be split over the mesh's batch axes, so each chip computes only its rows. A no-op without a mesh or when the
   rows do not divide evenly (then XLA chooses)."""
   if mesh is None:
     return tree
   n = parallel.batch_parallelism(mesh)
 
-  def one(x, axis=0):
-    if x.shape[axis] % n:
+  def one(x):
+    if x.shape[0] % n:
       return x
-    spec = PartitionSpec(*([None] * axis), parallel.BATCH_AXES)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(
+        parallel.BATCH_AXES)))
 
-  if isinstance(tree, KVCache):
-    return KVCache(one(tree.k, 1), one(tree.v, 1), one(tree.valid))
   return jax.tree.map(one, tree)
 
 
