@@ -88,10 +88,14 @@ class PromptFileSource:
   "category"} or plain prompt text in the explicit prompt grammar (shapeworld.parse_prompt),
   whose spec is then parsed. Empty lines, unknown words, bad specs and unparseable plain
   prompts raise ValueError naming the line number.
+
+  free_text: plain lines outside the prompt grammar are kept with no spec (record ``spec`` and
+  ``reasoning`` are ""): the real-model path, whose rewards read pixels, not specs.
   """
 
-  def __init__(self, path: str | os.PathLike, tokenizer: Optional[Tokenizer] = None):
-    self.path = os.fspath(path)
+  def __init__(self, path: str | os.PathLike, tokenizer: Optional[Tokenizer] = None, *,
+               free_text: bool = False):
+    self.path, self.free_text = os.fspath(path), free_text
     tok = tokenizer or Tokenizer.for_shapeworld()
     with open(self.path) as f:
       lines = f.read().splitlines()
@@ -128,6 +132,9 @@ class PromptFileSource:
       try:
         spec = sw.parse_prompt(prompt)
       except ValueError:
+        if self.free_text:
+          return {"prompt": prompt, "reasoning": "", "spec": "", "category": category,
+                  "index": lineno - 1}
         raise ValueError(f"{where}: plain prompt {prompt!r} is not in the explicit prompt "
                          "grammar; give it as a JSON line with a spec") from None
     if reasoning is None:
