@@ -157,6 +157,9 @@ class _BoundAutoencoderWeights:
   def lower(self, state, *args) -> _BoundLowered:
     return _BoundLowered(self.jitted.lower(state, self.ae_state, *args), self.ae_state)
 
+  def __getattr__(self, name):   # the rest of the jitted function's API (e.g. _cache_size)
+    return getattr(self.jitted, name)
+
 
 def _bind_autoencoder_weights(jitted, autoencoder: Autoencoder) -> _BoundAutoencoderWeights:
   return _BoundAutoencoderWeights(jitted, getattr(autoencoder, "state", None))
