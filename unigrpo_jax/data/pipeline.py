@@ -92,14 +92,19 @@ class PromptFileSource:
   bad GenEval metadata and unparseable plain prompts raise ValueError naming the line number.
   ``package://geneval/evaluation_metadata.jsonl`` is GenEval's 553 prompts.
 
+  free_text: plain lines outside the prompt grammar are kept with no spec (record ``spec`` and
+  ``reasoning`` are ""): the real-model path, whose rewards read pixels, not specs.
+
   Records: prompt, reasoning ("" without a spec), spec (JSON, "" without one), category,
   index, metadata (JSON object text, "" without any).
   """
 
-  def __init__(self, path: str | os.PathLike, tokenizer: Optional[Tokenizer] = None):
+  def __init__(self, path: str | os.PathLike, tokenizer: Optional[Tokenizer] = None, *,
+               free_text: bool = False):
     from unigrpo_jax.checkpointing import resolve_path  # package:// -> shipped assets
     self.path = resolve_path(os.fspath(path)) if os.fspath(path).startswith("package://") \
         else os.fspath(path)
+    self.free_text = free_text
     tok = tokenizer or Tokenizer.for_shapeworld()
     with open(self.path) as f:
       lines = f.read().splitlines()
@@ -143,6 +148,9 @@ class PromptFileSource:
       try:
         spec = sw.parse_prompt(prompt)
       except ValueError:
+        if self.free_text:
+          return {"prompt": prompt, "reasoning": "", "spec": "", "category": category,
+                  "index": lineno - 1, "metadata": ""}
         raise ValueError(f"{where}: plain prompt {prompt!r} is not in the explicit prompt "
                          "grammar; give it as a JSON line with a spec") from None
     if reasoning is None:

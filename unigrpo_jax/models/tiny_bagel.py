@@ -4,8 +4,10 @@
 ``BAGEL-7B-MoT`` download, at any size: ``ema.safetensors`` (BAGEL's key names and layouts, the
 two experts drawn independently, a few ViT / connector tensors that the loader skips),
 ``llm_config.json`` and a small Qwen2-style ``tokenizer.json`` whose vocabulary is smaller than
-the embedding table (as 151665 vs 152064 in the real model). The FLUX ``ae.safetensors`` is
-written by the VAE module's own writer.
+the embedding table (as 151665 vs 152064 in the real model), and a random FLUX-format
+``ae.safetensors`` (written by ``flux_vae.write_random_flux_ae``) with FLUX's image geometry
+(16 latent channels, 8x down, so 2x2 patches give 64-wide tokens) but narrow layers: every width
+is 32, so FLUX's GroupNorm(32) holds and ``load_flux_vae`` loads it with its defaults.
 
     python -m unigrpo_jax.models.tiny_bagel /tmp/bagel_tiny            # seconds, ~1 MB
     python -m unigrpo_jax.models.tiny_bagel /tmp/bagel_1b --size 1b    # ~1.0e9 params, 2 GB bf16
@@ -23,6 +25,7 @@ from flax import nnx
 from unigrpo_jax.data.qwen_tokenizer import (GEN_THINK_SYSTEM_PROMPT, SPECIAL_TOKENS,
                                              build_qwen2_style_tokenizer)
 from unigrpo_jax.models.config import ModelConfig
+from unigrpo_jax.models.flux_vae import write_random_flux_ae
 from unigrpo_jax.models.image import bagel_sincos_table
 from unigrpo_jax.models.pretrained import bagel_key_map, bagel_llm_config, their_shape
 from unigrpo_jax.models.safetensors_io import numpy_dtype, write_file
@@ -34,6 +37,9 @@ SIZES = {
     "1b": dict(hidden=2048, num_layers=10, num_heads=16, num_kv_heads=4, mlp_dim=5504,
                vocab=32768),
 }
+# The tiny FLUX VAE: 4 levels (8x down) of width 32 (= FLUX's GroupNorm groups), one res block
+# per level, 16 latent channels. ~0.4M params: decoding a 64 px image is milliseconds on CPU.
+TINY_AE = dict(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=16)
 _CORPUS = [GEN_THINK_SYSTEM_PROMPT,
            "a photo of a red apple on a wooden table", "two blue cats sitting under a green tree",
            "a yellow bus parked next to a white house", "the planning process: draw the sky first",
@@ -66,7 +72,7 @@ def _random_tensor(rng, key: str, shape: tuple, kind: str, cfg: ModelConfig) -> 
 
 def write_tiny_bagel_dir(path: str, *, size: str = "tiny", image_size: int = 64,
                          max_latent_size: int = 8, seed: int = 0, dtype: str = "bfloat16",
-                         with_vit: bool = True) -> ModelConfig:
+                         with_vit: bool = True, with_ae: bool = True) -> ModelConfig:
   """Writes a random BAGEL-format directory; returns the ModelConfig it loads as.
 
   Args:
@@ -75,6 +81,7 @@ def write_tiny_bagel_dir(path: str, *, size: str = "tiny", image_size: int = 64,
       (BAGEL: 1024 / 64); image_size <= 16 * max_latent_size.
     dtype: of the stored tensors (BAGEL's are bfloat16).
     with_vit: also write a few ViT / connector tensors (which the loader must skip).
+    with_ae: also write ``ae.safetensors`` (a random FLUX VAE of shape ``TINY_AE``; float32).
   """
   os.makedirs(path, exist_ok=True)
   tok = build_qwen2_style_tokenizer(_CORPUS, vocab_size=300)
@@ -101,6 +108,8 @@ def write_tiny_bagel_dir(path: str, *, size: str = "tiny", image_size: int = 64,
     for key, shape in vit.items():
       tensors[key] = (0.02 * rng.standard_normal(shape, np.float32)).astype(target)
   write_file(os.path.join(path, "ema.safetensors"), tensors, metadata={"format": "pt"})
+  if with_ae:
+    write_random_flux_ae(os.path.join(path, "ae.safetensors"), seed=seed + 1, **TINY_AE)
   conf = bagel_llm_config(cfg)
   with open(os.path.join(path, "llm_config.json"), "w") as f:
     json.dump(conf, f, indent=2)

@@ -19,6 +19,8 @@ from unigrpo_jax.rewards import jpeg
 from unigrpo_jax.rewards import shapeworld as sw_reward
 
 RewardFn = Callable[..., dict]
+# Rewards that read the prompt's ShapeWorld spec (a prompt without one cannot be scored by them).
+SPEC_REWARDS = frozenset({"shapeworld", "shapeworld_strict", "reasoning_match"})
 _REGISTRY: dict[str, RewardFn] = {}
 _FACTORIES: dict[str, Callable[..., RewardFn]] = {}
 

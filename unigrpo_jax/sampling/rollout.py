@@ -145,6 +145,60 @@ def reasoning_context(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask
   return sample.replace(cache=cache), vs_pos + 1
 
 
+# An autoencoder with weights (the FLUX VAE: ``.state``) gets them as an argument of the jitted
+# rollout, so a 335 MB VAE is not baked into the executable as constants; a weightless one (the
+# pixel PatchAutoencoder) passes None and compiles exactly as before.
+def _decode(autoencoder: Autoencoder, latents: jax.Array, ae_state) -> jax.Array:
+  """latents [B, N, Dl] -> images [B, H, W, C], with ``ae_state`` as the weights if any."""
+  if ae_state is None:
+    return autoencoder.decode(latents)
+  return autoencoder.decode(latents, state=ae_state)
+
+
+class _BoundLowered:
+  def __init__(self, lowered, ae_state):
+    self.lowered, self.ae_state = lowered, ae_state
+
+  def compile(self, *args, **kwargs) -> "_BoundCompiled":
+    return _BoundCompiled(self.lowered.compile(*args, **kwargs), self.ae_state)
+
+  def __getattr__(self, name):  # as_text(), cost_analysis(), ...
+    return getattr(self.lowered, name)
+
+
+class _BoundCompiled:
+  """A compiled rollout called as ``fn(state, *args)``; memory/cost analysis pass through."""
+
+  def __init__(self, compiled, ae_state):
+    self.compiled, self.ae_state = compiled, ae_state
+
+  def __call__(self, state, *args):
+    return self.compiled(state, self.ae_state, *args)
+
+  def __getattr__(self, name):  # memory_analysis(), cost_analysis(), as_text(), ...
+    return getattr(self.compiled, name)
+
+
+class _BoundAutoencoderWeights:
+  """``jitted(state, ae_state, *args)`` called as ``fn(state, *args)`` (and ``fn.lower(...)``)."""
+
+  def __init__(self, jitted, ae_state):
+    self.jitted, self.ae_state = jitted, ae_state
+
+  def __call__(self, state, *args):
+    return self.jitted(state, self.ae_state, *args)
+
+  def lower(self, state, *args) -> _BoundLowered:
+    return _BoundLowered(self.jitted.lower(state, self.ae_state, *args), self.ae_state)
+
+  def __getattr__(self, name):   # the rest of the jitted function's API (e.g. _cache_size)
+    return getattr(self.jitted, name)
+
+
+def _bind_autoencoder_weights(jitted, autoencoder: Autoencoder) -> _BoundAutoencoderWeights:
+  return _BoundAutoencoderWeights(jitted, getattr(autoencoder, "state", None))
+
+
 def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoencoder,
                  compiler_options: dict | None = None, *, mesh: Optional[Mesh] = None):
   """Builds the jitted rollout.
@@ -159,7 +213,7 @@ def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoen
   """
   grid = flow.timesteps(cfg.num_steps, cfg.shift)
 
-  def rollout(state, prompt_tokens, prompt_mask, key):
+  def rollout(state, ae_state, prompt_tokens, prompt_mask, key):
     model = nnx.merge(graphdef, state)
     mcfg = model.cfg
     k_text, k_window, k_noise, k_flow = jax.random.split(key, 4)
@@ -181,7 +235,7 @@ def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoen
                           sde_window=(starts, cfg.window_size), sde_type=cfg.sde_type)
     window = WindowRecord(x_t=fs.x_t, x_next=fs.x_next, mean=fs.mean, std=fs.std, t=fs.t,
                           t_next=fs.t_next, logp=fs.logp, step_index=fs.step_index)
-    images = jnp.clip(autoencoder.decode(fs.x0), -1.0, 1.0)
+    images = jnp.clip(_decode(autoencoder, fs.x0, ae_state), -1.0, 1.0)
     return Trajectory(
         prompt_tokens=_repeat_rows(prompt_tokens.astype(jnp.int32), cfg.group_size),
         prompt_mask=_repeat_rows(prompt_mask.astype(bool), cfg.group_size),
@@ -189,7 +243,8 @@ def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoen
         truncated=sample.truncated, window=window, latents=fs.x0, images=images)
 
   out_sh = None if mesh is None else parallel.batch_sharding(mesh)
-  return jax.jit(rollout, out_shardings=out_sh, compiler_options=compiler_options)
+  return _bind_autoencoder_weights(
+      jax.jit(rollout, out_shardings=out_sh, compiler_options=compiler_options), autoencoder)
 
 
 @flax.struct.dataclass
@@ -224,7 +279,7 @@ def make_eval_sampler(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: A
   sampling = dataclasses.replace(cfg.sampling, greedy=greedy_text)
   use_cfg = cfg_scale != 1.0
 
-  def sample(state, prompt_tokens, prompt_mask, key):
+  def sample(state, ae_state, prompt_tokens, prompt_mask, key):
     model = nnx.merge(graphdef, state)
     mcfg = model.cfg
     k_text, k_noise, k_flow = jax.random.split(key, 3)
@@ -248,7 +303,8 @@ def make_eval_sampler(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: A
 
     noise = jax.random.normal(k_noise, (b, mcfg.num_image_tokens, mcfg.latent_dim), jnp.float32)
     fs = flow.sample_flow(velocity_fn, noise, grid, k_flow, noise_level=0.0, sde_window=(0, 0))
-    images = jnp.clip(autoencoder.decode(fs.x0), -1.0, 1.0)
+    images = jnp.clip(_decode(autoencoder, fs.x0, ae_state), -1.0, 1.0)
     return EvalSample(txt.tokens, txt.mask, fs.x0, images)
 
-  return jax.jit(sample, compiler_options=compiler_options)
+  return _bind_autoencoder_weights(jax.jit(sample, compiler_options=compiler_options),
+                                   autoencoder)

@@ -16,7 +16,8 @@ from unigrpo_jax.data import shapeworld as sw
 from unigrpo_jax.data.encoding import decode_reasoning, encode_prompts
 from unigrpo_jax.data.pipeline import PromptFileSource, ShapeWorldSource
 from unigrpo_jax.data.tokenizer import Tokenizer
-from unigrpo_jax.models import PatchAutoencoder, UnifiedModel
+from unigrpo_jax import parallel
+from unigrpo_jax.models import UnifiedModel
 from unigrpo_jax.models.image import to_uint8
 from unigrpo_jax.rewards import geneval
 from unigrpo_jax.rewards import shapeworld as sw_reward
@@ -29,7 +30,8 @@ def eval_source(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None =
   """Every line of ``data.eval_prompt_file`` (prompt-file format, validated), else the first
   ``data.eval_tasks`` prompts of the ShapeWorld TEST split."""
   if config.data.eval_prompt_file:
-    return PromptFileSource(config.data.eval_prompt_file, tokenizer)
+    return PromptFileSource(config.data.eval_prompt_file, tokenizer,
+                            free_text=setup.is_bagel_dir(config.init_checkpoint))
   return ShapeWorldSource("test", config.data.eval_tasks)
 
 
@@ -41,10 +43,14 @@ def eval_records(config: ml_collections.ConfigDict,
 
 
 class Evaluator:
-  """Compiles the eval sampler once; ``__call__(params, key)`` scores the fixed eval prompts."""
+  """Compiles the eval sampler once; ``__call__(params, key)`` scores the fixed eval prompts.
+
+  Prompts with ShapeWorld specs get the ShapeWorld metrics (reward, strict, reasoning and
+  per-category accuracy). Free-text prompts (no spec: the real-model path) get
+  ``eval/reward_mean`` from ``reward_fn``, the run's own reward."""
 
   def __init__(self, graphdef, rollout_cfg, autoencoder, tokenizer: Tokenizer,
-               config: ml_collections.ConfigDict, records: Sequence[dict]):
+               config: ml_collections.ConfigDict, records: Sequence[dict], reward_fn=None):
     ev = config.eval
     self.tokenizer, self.records, self.batch = tokenizer, list(records), ev.batch_size
     self.grid_count = ev.grid_rows * 8
@@ -52,7 +58,10 @@ class Evaluator:
                                      cfg_scale=ev.cfg_scale, greedy_text=ev.greedy)
     self.tokens, self.mask = encode_prompts(tokenizer, [r["prompt"] for r in self.records],
                                             config.data.max_prompt_len)
-    self.specs = [sw.Spec.from_json(r["spec"]) for r in self.records]
+    self.specs = [sw.Spec.from_json(r["spec"]) if r["spec"] else None for r in self.records]
+    self.reward_fn = reward_fn
+    if None in self.specs and reward_fn is None:
+      raise ValueError("evaluation prompts without ShapeWorld specs need the run's reward_fn")
 
   def __call__(self, params, key) -> tuple[dict, np.ndarray]:
     """-> (metrics, sample grid picture uint8 [H, W, 3])."""
@@ -66,6 +75,13 @@ class Evaluator:
       images.append(np.asarray(to_uint8(out.images))[:keep])
       reasoning += decode_reasoning(self.tokenizer, out.reasoning_tokens, out.reasoning_mask)[:keep]
     images = np.concatenate(images)
+    if None in self.specs:   # free text: the run's reward, no ShapeWorld metrics
+      prompts = [r["prompt"] for r in self.records]
+      reward = np.asarray(self.reward_fn(images, self.specs, reasoning, prompts=prompts)["reward"],
+                          np.float32)
+      k = min(self.grid_count, n)
+      return ({"eval/reward_mean": float(np.mean(reward))},
+              grid.sample_grid(images[:k], prompts[:k], reasoning[:k], reward[:k]))
     scores = sw_reward.score(images, self.specs)
     parsed = [sw.parse_reasoning(t) for t in reasoning]
     reasoning_ok = np.array([p == s for p, s in zip(parsed, self.specs)], np.float32)
@@ -89,21 +105,34 @@ class Evaluator:
 
 
 def build_evaluator(config, graphdef, model_cfg, tokenizer: Tokenizer,
-                    records: Sequence[dict] | None = None) -> Evaluator:
-  """records: the evaluation records (``eval_records(config)`` when None)."""
+                    records: Sequence[dict] | None = None, *, autoencoder=None,
+                    reward_fn=None) -> Evaluator:
+  """records: the evaluation records (``eval_records(config)`` when None); autoencoder:
+  ``setup.autoencoder_for`` when None; reward_fn: scores free-text prompts (``config.rewards``
+  when None and some prompt has no spec)."""
   from unigrpo_jax.trainers.unigrpo import rollout_config  # one mapping config -> RolloutConfig
   records = eval_records(config, tokenizer) if records is None else records
-  return Evaluator(graphdef, rollout_config(config, tokenizer),
-                   PatchAutoencoder.for_model(model_cfg), tokenizer, config, records)
+  if autoencoder is None:
+    autoencoder = setup.autoencoder_for(config, model_cfg)
+  if reward_fn is None and any(not r["spec"] for r in records):
+    from unigrpo_jax.rewards import registry
+    reward_fn = registry.combined_reward(dict(config.rewards), config)
+  return Evaluator(graphdef, rollout_config(config, tokenizer), autoencoder, tokenizer, config,
+                   records, reward_fn)
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str, save_only_samples: bool = False):
   """Evaluates ``config.init_checkpoint`` (or a fresh model) on the evaluation prompts."""
-  tokenizer = Tokenizer.for_shapeworld()
+  tokenizer = setup.tokenizer_for(config)  # a BAGEL directory brings its tokenizer.json
   model_cfg, params = setup.model_and_params(config, tokenizer)
-  graphdef, fresh = nnx.split(UnifiedModel(model_cfg, nnx.Rngs(config.seed)), nnx.Param)
-  params = fresh if params is None else params
-  evaluator = build_evaluator(config, graphdef, model_cfg, tokenizer)
+  autoencoder = setup.autoencoder_for(config, model_cfg)  # before loading: errors first
+  if setup.is_bagel_dir(config.init_checkpoint):
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    graphdef, params = setup.build_params(config, model_cfg, None, mesh)
+  else:
+    graphdef, fresh = nnx.split(UnifiedModel(model_cfg, nnx.Rngs(config.seed)), nnx.Param)
+    params = fresh if params is None else params
+  evaluator = build_evaluator(config, graphdef, model_cfg, tokenizer, autoencoder=autoencoder)
   metrics, picture = evaluator(params, jax.random.key(config.seed))
   path = os.path.join(workdir, "samples_eval.png")
   grid.save_png(path, picture)

@@ -70,6 +70,25 @@ def model_and_params(config: ml_collections.ConfigDict, tokenizer: Tokenizer
 
 
 
+def autoencoder_for(config: ml_collections.ConfigDict, model_cfg: ModelConfig):
+  """The image autoencoder of a run: a BAGEL directory's FLUX VAE (``<dir>/ae.safetensors``),
+  else the pixel ``PatchAutoencoder`` of the toy world. Its token shape must be the model's."""
+  from unigrpo_jax.models import PatchAutoencoder
+  if not is_bagel_dir(config.init_checkpoint):
+    return PatchAutoencoder.for_model(model_cfg)
+  from unigrpo_jax.models.flux_vae import load_flux_vae
+  path = os.path.join(config.init_checkpoint, "ae.safetensors")
+  if not os.path.isfile(path):
+    raise ValueError(f"BAGEL directory {config.init_checkpoint!r} has no ae.safetensors (the FLUX "
+                     f"VAE that turns its image latents into pixels)")
+  ae = load_flux_vae(path, image_size=model_cfg.image_size)
+  if (ae.latent_dim, ae.cfg.downsample) != (model_cfg.latent_dim, model_cfg.vae_downsample):
+    raise ValueError(f"{path}: the VAE's {ae.latent_dim}-wide tokens at {ae.cfg.downsample}x down "
+                     f"do not match the model's {model_cfg.latent_dim} at "
+                     f"{model_cfg.vae_downsample}x")
+  return ae
+
+
 def build_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                  init_params: Optional[nnx.State], mesh, rules=None):
   """-> (graphdef, full model state in its shardings): loaded from a BAGEL directory straight

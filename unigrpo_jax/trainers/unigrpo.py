@@ -24,7 +24,6 @@ from unigrpo_jax.data.encoding import decode_reasoning, encode_prompts
 from unigrpo_jax.data.pipeline import (PromptFileSource, ShapeWorldSource, make_prompt_loader,
                                        normalize_prompt)
 from unigrpo_jax.data.tokenizer import Tokenizer
-from unigrpo_jax.models import PatchAutoencoder
 from unigrpo_jax.models.image import to_uint8
 from unigrpo_jax.rewards import geneval, registry, remote
 from unigrpo_jax.rl import advantages as adv_lib
@@ -95,14 +94,20 @@ def prompt_source(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
   ValueError naming the first evaluation prompt that is.
   """
   if config.data.prompt_file:
-    source = PromptFileSource(config.data.prompt_file, tokenizer)
+    source = PromptFileSource(config.data.prompt_file, tokenizer,
+                              free_text=setup.is_bagel_dir(config.init_checkpoint))
   else:
     source = ShapeWorldSource("train", config.data.train_tasks)
+  spec_rewards = sorted(registry.SPEC_REWARDS & set(config.rewards))
   train_prompts = set()
   for i in range(len(source)):  # every prompt must fit: fail now, not at step 900
     prompt = source[i]["prompt"]
     encode_prompts(tokenizer, [prompt], config.data.max_prompt_len)
     train_prompts.add(normalize_prompt(prompt))
+    if spec_rewards and not source[i]["spec"]:
+      raise ValueError(f"data.prompt_file {config.data.prompt_file}, line {i + 1}: prompt "
+                       f"{prompt!r} has no ShapeWorld spec, which reward {spec_rewards[0]!r} "
+                       f"needs")
   for r in held_out:
     encode_prompts(tokenizer, [r["prompt"]], config.data.max_prompt_len)
     if normalize_prompt(r["prompt"]) in train_prompts:
@@ -257,6 +262,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rcfg, ocfg, optcfg = rollout_config(config, tokenizer), objective_config(config, tokenizer), \
       optim_config(config)
   model_cfg, init_params = setup.model_and_params(config, tokenizer)
+  autoencoder = setup.autoencoder_for(config, model_cfg)  # a BAGEL dir's FLUX VAE, or pixels
   if rcfg.vocab_limit > model_cfg.vocab_size:
     raise ValueError(f"config.rollout.vocab_limit={rcfg.vocab_limit} exceeds the model's "
                      f"{model_cfg.vocab_size}-row embedding table")
@@ -269,9 +275,10 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_state = init_train_state(params, ocfg, optcfg, mesh, rules)
   del params
   programs = build_programs(config, graphdef, train_state.params, model_cfg, mesh, rules, rcfg,
-                            ocfg, optcfg)
+                            ocfg, optcfg, autoencoder=autoencoder)
   rollout_fn, train_step = programs.rollout, programs.train_step
-  evaluator = build_evaluator(config, graphdef, model_cfg, tokenizer, held_out)
+  evaluator = build_evaluator(config, graphdef, model_cfg, tokenizer, held_out,
+                              autoencoder=autoencoder, reward_fn=reward_fn)
   batch_sh = programs.batch_sharding
 
   # --- resume.
@@ -330,7 +337,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       t0 = time.time()
       batch = next(loader_iter)
       prompts = list(batch["prompt"])
-      specs = [sw.Spec.from_json(s) if s else None for s in batch["spec"]]
+      specs = [sw.Spec.from_json(s) if s else None for s in batch["spec"]]  # None: free text
       metadata = batch.get("metadata", [""] * len(prompts))
       tokens, mask = encode_prompts(tokenizer, prompts, config.data.max_prompt_len)
       key = jax.random.fold_in(base_key, step)
@@ -364,13 +371,14 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              f"gradients at step {step} (loss {m['loss/total']}, grad norm "
                              f"{m['grad_norm/total']}); stopping. Lower the learning rates or "
                              "check the rewards.")
-      parsed_ok = [sw.parse_reasoning(t) == s for t, s in zip(reasoning, row_specs)]
+      parsed_ok = [sw.parse_reasoning(t) == s for t, s in zip(reasoning, row_specs)
+                   if s is not None]
       metrics = {f"train/{k}": v for k, v in m.items()}
       metrics["train/loss"] = m["loss/total"]
       metrics.update({
           "train/reward_mean": float(reward.mean()), "train/reward_std": float(reward.std()),
           "train/strict_mean": float(np.mean(rewards.get("shapeworld/strict", reward))),
-          "train/reasoning_accuracy": float(np.mean(parsed_ok)),
+          **({"train/reasoning_accuracy": float(np.mean(parsed_ok))} if parsed_ok else {}),
           "train/zero_variance_groups": float(adv_lib.zero_variance_fraction(jnp.asarray(reward),
                                                                              g)),
           "train/reasoning_len": float(np.mean(np.sum(host[2], axis=1))),
