@@ -51,5 +51,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in c.rewards:
     _require(name in registry.available(), f"rewards.{name}",
              f"unknown reward; available: {sorted(registry.available())}")
+  if "distributed" in c:  # process count/id, timeouts; the batch must split over processes
+    from unigrpo_jax import distributed
+    try:
+      distributed.DistributedConfig.from_config(c.distributed).validate()
+    except distributed.DistributedError as e:
+      raise ConfigError(f"config.{e}") from None
+    n = c.distributed.num_processes
+    _require(r.prompts_per_batch % n == 0, "rollout.prompts_per_batch",
+             f"{r.prompts_per_batch} prompts cannot be split evenly over "
+             f"distributed.num_processes={n}")
   _require(c.eval.num_steps > 0, "eval.num_steps", "must be positive")
   _require(c.sft.steps > 0 and c.sft.batch_size > 0, "sft", "steps and batch_size must be > 0")
