@@ -93,6 +93,10 @@ def initialize(cfg: DistributedConfig) -> None:
     # default cannot make multi-process CPU runs fail (it only affects the CPU backend).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     explicit = cfg.coordinator_address != "auto"
+    if explicit and cfg.process_id != 0:
+      # JAX's client aborts the whole process (C++ LOG(FATAL)) when it cannot register: probe
+      # the coordinator first so an unreachable address is one clear line instead.
+      _wait_for_coordinator(cfg)
     try:
       jax.distributed.initialize(
           coordinator_address=cfg.coordinator_address if explicit else None,
@@ -116,6 +120,25 @@ def initialize(cfg: DistributedConfig) -> None:
         f"{jax.default_backend()} devices, {total} global", flush=True)
   if jax.process_index() != 0:
     _quiet_logging()
+
+
+def _wait_for_coordinator(cfg: DistributedConfig) -> None:
+  import socket
+  import time
+  host, port = cfg.coordinator_address.rsplit(":", 1)
+  host = host.strip("[]")
+  deadline = time.monotonic() + cfg.init_timeout_s
+  while True:
+    try:
+      socket.create_connection((host, int(port)), timeout=5).close()
+      return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise DistributedError(
+            f"distributed.coordinator_address={cfg.coordinator_address!r}: process "
+            f"{cfg.process_id} of {cfg.num_processes} cannot reach the coordinator (process 0) "
+            f"within init_timeout_s={cfg.init_timeout_s}: {e}") from None
+      time.sleep(0.5)
 
 
 def _quiet_logging() -> None:
