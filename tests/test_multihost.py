@@ -109,3 +109,53 @@ def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
   assert p.returncode != 0
   errors = [l for l in out.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and f"localhost:{port}" in errors[0], out[-2000:]
+
+
+def _wait_for_step(workdir, step, procs, timeout=900):
+  import time
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if any(p.poll() is not None for p in procs):
+      raise AssertionError("a process ended early")
+    if any(r["step"] >= step for r in read_metrics(workdir)):
+      return
+    time.sleep(0.5)
+  raise AssertionError(f"step {step} not reached")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_the_same_step_and_resumes(tmp_path):
+  import signal
+  workdir = str(tmp_path)
+  port = portpicker.pick_unused_port()
+  extra = ["--config.total_steps=50", "--config.checkpoint_every=100"]
+  procs = [_start(workdir, i, 2, port, extra) for i in range(2)]
+  _wait_for_step(workdir, 1, procs)
+  procs[1].send_signal(signal.SIGTERM)  # a preemption notice to ONE host
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert len(saved) == 1 and 1 <= saved[0] < 50, saved
+  rcs, outs = _run_two(workdir, ["--config.total_steps=" + str(saved[0] + 1),
+                                 "--config.checkpoint_every=100"])
+  assert rcs == [0, 0], outs[0][-2000:]
+  assert f"at step {saved[0]}" in outs[0]
+  assert read_metrics(workdir)[-1]["step"] == saved[0] + 1
+
+
+@pytest.mark.slow
+def test_a_killed_peer_ends_the_other_process_nonzero_within_the_timeout(tmp_path):
+  import signal
+  import time
+  workdir = str(tmp_path)
+  port = portpicker.pick_unused_port()
+  extra = ["--config.total_steps=50", "--config.distributed.heartbeat_timeout_s=10",
+           "--config.distributed.barrier_timeout_s=30"]
+  procs = [_start(workdir, i, 2, port, extra) for i in range(2)]
+  _wait_for_step(workdir, 1, procs)
+  procs[1].send_signal(signal.SIGKILL)
+  t0 = time.time()
+  out = procs[0].communicate(timeout=300)[0]
+  procs[1].wait()
+  assert procs[0].returncode != 0, out[-2000:]
+  assert time.time() - t0 < 30 + 30, time.time() - t0  # barrier timeout + slack
