@@ -86,7 +86,7 @@ def test_bagel_dir_without_ae_is_one_error_line(bagel_dir, tmp_path):
   assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-@pytest.mark.slow
+# In the default set (34 s on 2 quiet cores): the real-model path must run from a clean checkout.
 def test_two_unigrpo_steps_on_the_tiny_bagel_dir(bagel_dir, tmp_path):
   """The README smoke command: 2 steps through main, then the eval mode on its checkpoint dir."""
   workdir = tmp_path / "run"
