@@ -243,3 +243,12 @@ def test_eval_prompt_file_is_used_and_must_be_held_out(tmp_path):
   with pytest.raises(ValueError, match="ShapeWorld test split"):
     run_train(c, str(tmp_path / "work"))  # before any compile or file is written
   assert not (tmp_path / "work").exists()
+
+
+def test_optim_eps_reaches_the_optimizer_config():
+  """config.optim.eps is Adam's epsilon (it used to be unreachable from a config)."""
+  from unigrpo_jax import config_defaults
+  from unigrpo_jax.trainers.unigrpo import optim_config
+  c = config_defaults.base()
+  c.optim.eps = 1e-3
+  assert optim_config(c).eps == 1e-3

@@ -80,6 +80,7 @@ def base() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
+  c.optim.eps = 1e-8  # Adam epsilon (both experts)
   c.optim.grad_clip = 1.0
   c.optim.ppo_epochs = 2  # [paper]
   c.optim.num_minibatches = 1

@@ -81,7 +81,7 @@ def objective_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) ->
 def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
   o = config.optim
   return OptimConfig(lr_und=o.lr_und, lr_gen=o.lr_gen, weight_decay=o.weight_decay, b1=o.b1,
-                     b2=o.b2, grad_clip=o.grad_clip, ppo_epochs=o.ppo_epochs,
+                     b2=o.b2, eps=o.eps, grad_clip=o.grad_clip, ppo_epochs=o.ppo_epochs,
                      num_minibatches=o.num_minibatches, grad_accum=o.grad_accum)
 
 
