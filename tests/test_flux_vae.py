@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from unigrpo_jax.models import flux_vae as fv
+from unigrpo_jax.models import safetensors_io
 from unigrpo_jax.models.image import Autoencoder
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "flux_vae_tiny")
@@ -194,11 +195,11 @@ def test_header_reader_rejects_garbage(tmp_path):
   p = tmp_path / "ae.safetensors"
   p.write_bytes(struct.pack("<Q", 10) + b"not json!!")
   with pytest.raises(ValueError, match="unreadable safetensors header"):
-    fv.read_safetensors_header(str(p))
+    safetensors_io.read_header(str(p))
   header = json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
   p.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
   with pytest.raises(ValueError, match="truncated: tensor 'x'"):
-    fv.read_safetensors_header(str(p))
+    safetensors_io.read_header(str(p))
 
 
 

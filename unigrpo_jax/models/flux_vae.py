@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import re
-import struct
 import time
 from typing import Optional, Sequence
 
@@ -36,6 +34,7 @@ from flax import nnx
 
 from unigrpo_jax.models.image import Autoencoder
 from unigrpo_jax.models.latent_patches import patchify, unpatchify
+from unigrpo_jax.models.safetensors_io import TensorIndex
 
 log = logging.getLogger(__name__)
 
@@ -348,48 +347,7 @@ def state_dtype(state) -> jnp.dtype:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint format: BFL key names <-> NNX paths, header reading, architecture inference.
-
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64}
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-  dtype: str
-  shape: tuple
-  offsets: tuple  # (begin, end) byte offsets into the data section
-
-
-def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], int]:
-  """Parses a .safetensors header without reading tensor data; checks the file is long enough.
-
-  Returns ({key: TensorInfo}, data_start byte offset). Raises FileNotFoundError / ValueError
-  with one line naming the file (and the key, for a truncated file).
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such file")
-  size = os.path.getsize(path)
-  with open(path, "rb") as fh:
-    head = fh.read(8)
-    if len(head) < 8:
-      raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
-    (n,) = struct.unpack("<Q", head)
-    if n > size - 8 or n > 100_000_000:
-      raise ValueError(f"{path}: truncated or not safetensors (header claims {n} bytes, file "
-                       f"has {size})")
-    try:
-      header = json.loads(fh.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
-  header.pop("__metadata__", None)
-  infos, data_start = {}, 8 + n
-  for key, meta in header.items():
-    infos[key] = TensorInfo(meta["dtype"], tuple(meta["shape"]), tuple(meta["data_offsets"]))
-    if data_start + meta["data_offsets"][1] > size:
-      raise ValueError(f"{path}: truncated: tensor {key!r} ends at byte "
-                       f"{data_start + meta['data_offsets'][1]} but the file has {size} bytes")
-  return infos, data_start
-
+# Checkpoint format: BFL key names <-> NNX paths, architecture inference (reading: safetensors_io).
 
 _DIFFUSERS_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
                    "to_out.0": "proj_out", "query": "q", "key": "k", "value": "v",
@@ -487,17 +445,6 @@ def expected_keys(cfg: FluxVAEConfig) -> dict[str, tuple]:
   return {_bfl_key(p): _torch_shape(v.shape) for p, v in nnx.to_flat_state(state)}
 
 
-def _read_tensor(fh, path: str, key: str, info: TensorInfo, data_start: int) -> np.ndarray:
-  if info.dtype == "BF16":
-    # numpy has no bfloat16; safetensors' numpy backend refuses it, so read the raw bits.
-    raw = np.fromfile(path, np.uint16, count=int(np.prod(info.shape)),
-                      offset=data_start + info.offsets[0])
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info.shape)
-  if info.dtype not in _DTYPES:
-    raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {info.dtype}")
-  return fh.get_tensor(key)
-
-
 def load_flux_vae(path: str, *, dtype="float32", num_groups: int = 32,
                   scale_factor: float = BAGEL_SCALE_FACTOR,
                   shift_factor: float = BAGEL_SHIFT_FACTOR,
@@ -510,22 +457,22 @@ def load_flux_vae(path: str, *, dtype="float32", num_groups: int = 32,
   (peak host memory about one tensor above the final weights). Unknown extra tensors are logged
   once and ignored; quant convs (an SD-style VAE, not FLUX) are an error.
   """
-  import safetensors  # local: only loading needs it
-
   if os.path.isdir(path):
     path = os.path.join(path, "ae.safetensors")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file")
   t0 = time.perf_counter()
-  infos, data_start = read_safetensors_header(path)
-  if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in infos):
-    names = diffusers_to_bfl(list(infos))           # {file key: BFL key}
+  tensors = TensorIndex([path])  # header checked: dtypes, sizes, truncation
+  if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in tensors.shapes):
+    names = diffusers_to_bfl(list(tensors.shapes))  # {file key: BFL key}
   else:
-    names = {k: k for k in infos}
+    names = {k: k for k in tensors.shapes}
   quant = [k for k in names.values() if k.startswith(("quant_conv.", "post_quant_conv."))]
   if quant:
     raise ValueError(f"{path}: has {quant[0]!r}: a VAE with quant convs is not FLUX-format")
   bfl_shapes = {}
   for file_key, bfl in names.items():
-    shape = infos[file_key].shape
+    shape = tensors.shapes[file_key]
     if re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight", bfl) and \
         len(shape) == 2:
       shape = shape + (1, 1)                         # diffusers stores these as linear weights
@@ -551,13 +498,11 @@ def load_flux_vae(path: str, *, dtype="float32", num_groups: int = 32,
   abstract = nnx.eval_shape(lambda: FluxVAE(cfg, dtype=jdtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   flat = []
-  with safetensors.safe_open(path, framework="numpy") as fh:
-    for p, var in nnx.to_flat_state(state):
-      key = _bfl_key(p)
-      arr = _read_tensor(fh, path, by_key[key], infos[by_key[key]], data_start)
-      arr = _to_nnx(arr.reshape(expected[key]), len(var.shape))
-      flat.append((p, var.replace(jnp.asarray(arr, jdtype))))
-      del arr
+  for p, var in nnx.to_flat_state(state):
+    key = _bfl_key(p)
+    arr = _to_nnx(tensors.read(by_key[key]).reshape(expected[key]), len(var.shape))
+    flat.append((p, var.replace(jnp.asarray(arr, jdtype))))
+    del arr
   state = nnx.from_flat_state(flat)
   vae = nnx.merge(graphdef, state)
   log.info("loaded FLUX VAE %s from %s in %.1fs", cfg, path, time.perf_counter() - t0)

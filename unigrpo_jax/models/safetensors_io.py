@@ -57,7 +57,7 @@ def read_header(path: str) -> dict:
       header = json.loads(f.read(n))
     except ValueError as e:
       raise CheckpointFormatError(f"{path}: unreadable safetensors header: {e}") from None
-  out, end = {}, 0
+  out, end, last = {}, 0, None
   for key, info in header.items():
     if key == "__metadata__":
       continue
@@ -71,11 +71,12 @@ def read_header(path: str) -> dict:
     if stop - start != want:
       raise CheckpointFormatError(f"{path}: key {key!r} holds {stop - start} bytes, its shape "
                                   f"{list(shape)} x {dtype} needs {want}")
-    end = max(end, stop)
+    if stop > end:
+      end, last = stop, key
     out[key] = (dtype, shape)
   if 8 + n + end > size:
-    raise CheckpointFormatError(f"{path}: truncated: the header describes {8 + n + end} bytes, "
-                                f"the file has {size}")
+    raise CheckpointFormatError(f"{path}: truncated: tensor {last!r} ends at byte {8 + n + end} "
+                                f"but the file has {size} bytes")
   return out
 
 
