@@ -20,8 +20,8 @@ class Chip:
   """One chip's limits.
 
   hbm_bytes: HBM the compiler lets a program use (from its out-of-memory message
-    "exceeds available HBM (X)", measured on this project's CPU machine with libtpu 0.0.42.1:
-    POD_SCALE.md section 0); slightly below the marketed size.
+    "exceeds available HBM (X)", measured on this project's CPU machine with libtpu 0.0.42.1;
+    see docs/aot.md); slightly below the marketed size.
   peak_flops: dense bf16 matmul FLOP/s per chip; hbm_bandwidth: bytes/s per chip. Both are the
     Cloud TPU documentation's system-architecture figures (cloud.google.com/tpu/docs/v4: 275
     TFLOP/s, 1200 GB/s; /v5e: 197 TFLOP/s, 819 GB/s; /v5p-training: 459 TFLOP/s, 2765 GB/s;

@@ -48,7 +48,7 @@ __all__ = ["CheckpointFormatError", "load_qwen2", "load_bagel", "save_bagel", "l
            "patchify", "unpatchify",
            "bagel_key_map", "qwen2_key_map", "QWEN2_VISION_START_ID", "QWEN2_VISION_END_ID"]
 
-# Qwen2.5 tokenizer ids of BAGEL's image markers (REAL_MODEL.md section 3).
+# Qwen2.5 tokenizer ids of BAGEL's image markers (Qwen2.5 tokenizer: added tokens; see docs/bagel.md).
 QWEN2_VISION_START_ID, QWEN2_VISION_END_ID = 151652, 151653
 # BAGEL's fixed image geometry: FLUX VAE (8x down, 16 ch) and 2x2 latent patches.
 _BAGEL_VAE_DOWNSAMPLE, _BAGEL_PATCH = 8, 2

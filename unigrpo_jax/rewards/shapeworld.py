@@ -9,7 +9,7 @@ square ~1.0 (>= 0.9), circle ~pi/4 (0.69..0.9), triangle ~0.5-0.63 (0.4..0.69).
 Per object group of the spec (shapes within a spec are distinct, see shapeworld.Spec):
   found    = detected objects with the group's shape, any color
   matching = found objects that also have the group's color (= found if color is None)
-Clauses (PAPER.md section 8):
+Clauses (docs/method.md §8):
   count    1 - |found - need| / need, clipped to [0, 1]
   color    1 - |need - matching| / need, clipped, and 0 unless found == need
            (only for groups with a color)

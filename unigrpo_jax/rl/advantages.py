@@ -1,4 +1,4 @@
-"""Group-relative advantages (PAPER.md section 3).
+"""Group-relative advantages (docs/method.md §3).
 
 Rewards come as a flat [B] vector, B = num_groups * group_size, with the rows of one group
 contiguous. One advantage per trajectory is shared by all its text tokens and denoising steps.

@@ -1,4 +1,4 @@
-"""Policy losses and regularisers (PAPER.md sections 4-6).
+"""Policy losses and regularisers (docs/method.md §4-6).
 
 Convention: every function returns ``(loss, metrics)``: a float32 scalar to MINIMISE and a dict
 of float32 scalars for logging. Everything is computed in float32.
@@ -72,7 +72,7 @@ def _k3(d: Array) -> Array:
 
 def text_grpo_loss(logp, old_logp, advantages, mask, clip_eps, *, aggregation: str = "seq_mean",
                    ref_logp=None, kl_coef: float = 0.0):
-    """GRPO loss on the reasoning tokens (PAPER.md section 4).
+    """GRPO loss on the reasoning tokens (docs/method.md §4).
 
     Args:
       logp, old_logp: [B, T] log-probs of the sampled tokens under theta / the rollout policy.
@@ -117,7 +117,7 @@ def text_grpo_loss(logp, old_logp, advantages, mask, clip_eps, *, aggregation: s
 
 def flow_grpo_loss(logp, old_logp, advantages, clip_eps, *, step_std=None, mean_sq_diff=None,
                    ratio_norm: bool = False, dt=None, reweight_by_dt: bool = False, mask=None):
-    """Flow-GRPO clipped surrogate over the K stochastic window steps (PAPER.md section 5).
+    """Flow-GRPO clipped surrogate over the K stochastic window steps (docs/method.md §5).
 
     Args:
       logp, old_logp: [B, K] per-step log-probs (per-element means, see ``step_logprob``).
@@ -131,7 +131,7 @@ def flow_grpo_loss(logp, old_logp, advantages, clip_eps, *, step_std=None, mean_
         centred at 0 whatever the step's noise scale).
       dt: [B, K] ``t_next - t`` (< 0); needed for reweight_by_dt.
       reweight_by_dt: GRPO-Guard gradient reweighting: each step's objective is divided by
-        ``-dt`` (larger weight on short steps); off by default (PAPER.md: [ours]).
+        ``-dt`` (larger weight on short steps); off by default (docs/method.md: [ours]).
       mask: [B, K] optional, 0 for padded / unused window slots.
     Returns: (loss, metrics); loss = -(mean over valid (b, k) of the per-step objective).
     """
@@ -168,7 +168,7 @@ def _broadcast_mask(mask, like: Array) -> Array:
 
 
 def velocity_mse(v, v_ref, mask=None):
-    """Velocity-MSE regulariser: mean over all elements of (v - v_ref)^2 (PAPER.md section 5).
+    """Velocity-MSE regulariser: mean over all elements of (v - v_ref)^2 (docs/method.md §6).
 
     Args:
       v: [B, ...] velocity of the trained model; v_ref: same shape, frozen reference (gradient

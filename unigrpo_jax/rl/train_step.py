@@ -1,6 +1,6 @@
 """The UniGRPO train step: text GRPO + lambda * Flow-GRPO + w * regulariser, PPO epochs, one jit.
 
-One minibatch loss (``loss_fn``), PAPER.md sections 4-6:
+One minibatch loss (``loss_fn``), docs/method.md §4-6:
 
 1. ``context_layout`` packs ``[prompt | reasoning | <vision_start>]`` exactly as the rollout did.
 2. ONE policy forward over ``[context | K window blocks]`` (latents = ``window.x_t``, times =

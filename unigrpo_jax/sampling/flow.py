@@ -1,4 +1,4 @@
-"""Rectified-flow samplers for the image policy (PAPER.md sections 1 and 5).
+"""Rectified-flow samplers for the image policy (docs/method.md §1 and §5).
 
 Convention: ``x_t = (1 - t) x0 + t eps``, the model predicts ``v = eps - x0`` and sampling
 runs t from 1 (noise) down to 0 (data). ``dt = t_next - t`` is therefore negative.
@@ -146,7 +146,7 @@ def cps_step(x, v, t, t_next, noise, noise_level, *, first_step=False):
 
 
 def step_logprob(x_next, mean, std) -> Array:
-    """Log N(x_next; mean, std^2 I), AVERAGED over all non-batch elements (PAPER.md section 5).
+    """Log N(x_next; mean, std^2 I), AVERAGED over all non-batch elements (docs/method.md §5).
 
     Args:
       x_next, mean: [B, ...].

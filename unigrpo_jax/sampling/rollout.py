@@ -3,7 +3,7 @@
 Per call: prefill each prompt once and repeat its cache G times (group members share the prompt
 context but not their randomness), decode the reasoning, append ``<vision_start>``, then denoise
 one image block per row against that fixed context (computed once; the denoiser never writes the
-cache). No CFG in training (PAPER.md section 2). The cache slot layout is
+cache). No CFG in training (docs/method.md §2). The cache slot layout is
 ``trajectory.context_layout``'s, so the train step's packed forward recomputes the same log-probs.
 
 ``make_eval_sampler`` is the evaluation variant: ODE only, more steps, optional CFG.
@@ -29,7 +29,7 @@ from unigrpo_jax.sampling.trajectory import Trajectory, WindowRecord
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
-  """Static knobs of a rollout (defaults: PAPER.md section 7).
+  """Static knobs of a rollout (defaults: docs/method.md §7).
 
   group_size: G rows per prompt. max_reasoning_len: T reasoning slots. temperature / top_k /
   top_p / vocab_limit: text sampling (top_k 0, top_p 1 and vocab_limit 0 disable; see
