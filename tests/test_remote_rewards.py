@@ -67,7 +67,8 @@ def client(url, **kw):
   t = remote.Transport(url=url, name="test", timeout_s=kw.pop("timeout_s", 5.0),
                        retries=kw.pop("retries", 2), backoff_s=0.01,
                        max_response_bytes=kw.pop("max_response_bytes", 1 << 20),
-                       token=kw.pop("token", None))
+                       token=kw.pop("token", None),
+                       total_timeout_s=kw.pop("total_timeout_s", 600.0))
   return remote.ProtocolClient(t, chunk_size=kw.pop("chunk_size", 3),
                                max_in_flight=kw.pop("max_in_flight", 2))
 
@@ -128,6 +129,21 @@ def test_faults_give_one_clear_error(mode, kw, match, calls):
   assert url in msg and "chunk rows 0..9" in msg and "'prompt 0'" in msg and "7 more" in msg
   assert "\n" not in msg
   assert state["calls"] == calls
+
+
+def test_total_timeout_bounds_all_attempts_of_a_chunk():
+  """A server slower than every attempt: 10 retries allowed, but the 1 s budget stops them."""
+  state = {}
+  with serve(fault_app("slow", state)) as base:
+    t0 = time.monotonic()
+    with pytest.raises(remote.RemoteRewardError,
+                       match=r"gave up after [23] attempts \(total_timeout_s=1 spent\); last "
+                       r"error: .*(timeout|TimeoutError|SocketTimeout)"):
+      client(base + "/score", chunk_size=10, timeout_s=0.4, retries=10,
+             total_timeout_s=1.0).score(IMAGES, PROMPTS, META)
+    elapsed = time.monotonic() - t0
+  assert elapsed < 1.6, elapsed  # the budget, plus one last short attempt's slack
+  assert state["calls"] in (2, 3)
 
 
 def test_connection_refused_retries_then_names_url():

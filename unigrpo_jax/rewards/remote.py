@@ -58,6 +58,7 @@ def entry_defaults(kind: str = "protocol") -> ml_collections.ConfigDict:
   e.url = ""  # e.g. http://10.0.0.5:8000/score; required when the reward has a weight
   e.token_env = ""  # name of an env var holding a bearer token; "" = no Authorization header
   e.timeout_s = 120.0  # per request
+  e.total_timeout_s = 600.0  # per chunk, all attempts and backoffs together; <= 0: no limit
   e.retries = 3  # extra attempts after a connection error, timeout or 5xx
   e.backoff_s = 1.0  # wait before retry k is backoff_s * 2**k
   e.chunk_size = 16  # images per request (vlm_judge: always 1)
@@ -79,12 +80,14 @@ class Transport:
   retries: int = 3
   backoff_s: float = 1.0
   max_response_bytes: int = 1 << 20
+  total_timeout_s: float = 600.0  # one chunk's budget across retries; <= 0: no limit
 
   @classmethod
   def from_entry(cls, name: str, e) -> "Transport":
     return cls(url=e.url, name=name, token=read_token(name, e.token_env), timeout_s=e.timeout_s,
                retries=e.retries, backoff_s=e.backoff_s,
-               max_response_bytes=e.max_response_bytes)
+               max_response_bytes=e.max_response_bytes,
+               total_timeout_s=e.get("total_timeout_s", 600.0))
 
 
 def read_token(name: str, token_env: str) -> Optional[str]:
@@ -116,13 +119,13 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
-def _post_once(t: Transport, body: bytes) -> bytes:
+def _post_once(t: Transport, body: bytes, timeout_s: float) -> bytes:
   headers = {"Content-Type": "application/json", "Accept": "application/json"}
   if t.token:
     headers["Authorization"] = f"Bearer {t.token}"
   req = urllib.request.Request(t.url, data=body, headers=headers, method="POST")
   try:
-    with _OPENER.open(req, timeout=t.timeout_s) as resp:
+    with _OPENER.open(req, timeout=timeout_s) as resp:
       length = resp.headers.get("Content-Length")
       if length is not None and length.isdigit() and int(length) > t.max_response_bytes:
         raise RemoteRewardError(f"response of {int(length)} bytes exceeds max_response_bytes="
@@ -144,21 +147,33 @@ def _post_once(t: Transport, body: bytes) -> bytes:
 
 def post_json(t: Transport, payload: dict, what: str,
               parse: Callable[[bytes], object]) -> object:
-  """POSTs payload to t.url with retries; returns parse(body). Raises RemoteRewardError naming
-  the reward, URL and ``what`` (the chunk and its prompts) once it gives up."""
+  """POSTs payload to t.url with retries; returns parse(body). Each attempt waits at most
+  ``timeout_s`` and all attempts with their backoffs at most ``total_timeout_s``. Raises
+  RemoteRewardError naming the reward, URL and ``what`` (the chunk and its prompts) once it
+  gives up."""
   body = json.dumps(payload).encode()
-  last = ""
+  budget = t.total_timeout_s if t.total_timeout_s > 0 else float("inf")
+  deadline = time.monotonic() + budget
+  last, attempts = "", 0
   for attempt in range(t.retries + 1):
     if attempt:
-      time.sleep(t.backoff_s * 2 ** (attempt - 1))
+      wait = t.backoff_s * 2 ** (attempt - 1)
+      if time.monotonic() + wait >= deadline:
+        break  # the backoff alone would run past the budget
+      time.sleep(wait)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+      break
+    attempts += 1
     try:
-      return parse(_post_once(t, body))
+      return parse(_post_once(t, body, min(t.timeout_s, remaining)))
     except _Retryable as e:
       last = str(e)
     except (RemoteRewardError, protocol.ProtocolError) as e:
       raise RemoteRewardError(f"remote reward {t.name!r} at {t.url}: {what}: {e}") from None
+  spent = "" if attempts == t.retries + 1 else f" (total_timeout_s={t.total_timeout_s:g} spent)"
   raise RemoteRewardError(f"remote reward {t.name!r} at {t.url}: {what}: gave up after "
-                          f"{t.retries + 1} attempts; last error: {last}")
+                          f"{attempts} attempts{spent}; last error: {last}")
 
 
 def describe_chunk(start: int, prompts: Sequence[str], limit: int = 3) -> str:

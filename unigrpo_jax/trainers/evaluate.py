@@ -19,7 +19,7 @@ from unigrpo_jax.data.tokenizer import Tokenizer
 from unigrpo_jax import parallel
 from unigrpo_jax.models import UnifiedModel
 from unigrpo_jax.models.image import to_uint8
-from unigrpo_jax.rewards import geneval
+from unigrpo_jax.rewards import geneval, registry
 from unigrpo_jax.rewards import shapeworld as sw_reward
 from unigrpo_jax.sampling.rollout import make_eval_sampler
 from unigrpo_jax.trainers import grid, setup
@@ -46,8 +46,9 @@ class Evaluator:
   """Compiles the eval sampler once; ``__call__(params, key)`` scores the fixed eval prompts.
 
   Prompts with ShapeWorld specs get the ShapeWorld metrics (reward, strict, reasoning and
-  per-category accuracy). Free-text prompts (no spec: the real-model path) get
-  ``eval/reward_mean`` from ``reward_fn``, the run's own reward."""
+  per-category accuracy). Prompts without specs (free text, GenEval's metadata lines: the
+  real-model path) are scored by ``reward_fn``, the run's own reward, with their prompts and
+  metadata; see ``free_text_metrics`` for what is reported per category."""
 
   def __init__(self, graphdef, rollout_cfg, autoencoder, tokenizer: Tokenizer,
                config: ml_collections.ConfigDict, records: Sequence[dict], reward_fn=None):
@@ -77,11 +78,12 @@ class Evaluator:
     images = np.concatenate(images)
     if None in self.specs:   # free text: the run's reward, no ShapeWorld metrics
       prompts = [r["prompt"] for r in self.records]
-      reward = np.asarray(self.reward_fn(images, self.specs, reasoning, prompts=prompts)["reward"],
-                          np.float32)
+      given = {"prompts": prompts, "metadata": [r.get("metadata", "") for r in self.records]}
+      out = self.reward_fn(images, self.specs, reasoning,
+                           **{k: given[k] for k in registry.accepted_kwargs(self.reward_fn)})
+      metrics, reward = free_text_metrics(self.records, out)
       k = min(self.grid_count, n)
-      return ({"eval/reward_mean": float(np.mean(reward))},
-              grid.sample_grid(images[:k], prompts[:k], reasoning[:k], reward[:k]))
+      return metrics, grid.sample_grid(images[:k], prompts[:k], reasoning[:k], reward[:k])
     scores = sw_reward.score(images, self.specs)
     parsed = [sw.parse_reasoning(t) for t in reasoning]
     reasoning_ok = np.array([p == s for p, s in zip(parsed, self.specs)], np.float32)
@@ -104,6 +106,33 @@ class Evaluator:
     return metrics, picture
 
 
+def free_text_metrics(records: Sequence[dict], reward_out: dict) -> tuple[dict, np.ndarray]:
+  """Metrics of prompts without ShapeWorld specs, from the run's reward outputs.
+
+  Args:
+    records: the evaluation records (their ``category``: GenEval's tag, a prompt file's
+      "category", else "custom").
+    reward_out: the reward fn's outputs, float [n] arrays with "reward" and each component's
+      details as "<name>/<key>".
+  Returns:
+    (metrics, reward [n] float32). ``eval/reward_mean``; ``eval/reward/<category>`` (mean reward
+    per category, "overall" = mean of the category means); and, when a component reports
+    per-image correctness (a "<name>/correct" detail, as GenEval's detector server does),
+    ``eval/geneval/<category>`` accuracy with GenEval's overall score.
+  """
+  reward = np.asarray(reward_out["reward"], np.float32)
+  if reward.shape != (len(records),):
+    raise ValueError(f"the reward returned shape {reward.shape} for {len(records)} eval prompts")
+  categories = [r.get("category") or "custom" for r in records]
+  metrics = {"eval/reward_mean": float(np.mean(reward))}
+  metrics.update(geneval.per_category_accuracy(categories, reward, prefix="eval/reward/"))
+  correct = sorted(k for k in reward_out if k.endswith("/correct"))
+  if correct:  # the first component that reports correctness (sorted: deterministic)
+    metrics.update(geneval.per_category_accuracy(
+        categories, np.asarray(reward_out[correct[0]], np.float32)))
+  return metrics, reward
+
+
 def build_evaluator(config, graphdef, model_cfg, tokenizer: Tokenizer,
                     records: Sequence[dict] | None = None, *, autoencoder=None,
                     reward_fn=None) -> Evaluator:
@@ -115,8 +144,7 @@ def build_evaluator(config, graphdef, model_cfg, tokenizer: Tokenizer,
   if autoencoder is None:
     autoencoder = setup.autoencoder_for(config, model_cfg)
   if reward_fn is None and any(not r["spec"] for r in records):
-    from unigrpo_jax.rewards import registry
-    reward_fn = registry.combined_reward(dict(config.rewards), config)
+    reward_fn = setup.reward_fn_for(config)
   return Evaluator(graphdef, rollout_config(config, tokenizer), autoencoder, tokenizer, config,
                    records, reward_fn)
 

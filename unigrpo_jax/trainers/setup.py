@@ -103,3 +103,17 @@ def build_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
   if init_params is not None:
     params = jax.device_put(init_params, parallel.state_shardings(params, mesh, rules))
   return graphdef, params
+
+
+def reward_fn_for(config: ml_collections.ConfigDict):
+  """The run's weighted reward (``config.rewards``), remote ones (``config.remote_rewards``)
+  included; in-process reward models (CLIP) load now. An unknown name raises ValueError naming
+  ``config.rewards``."""
+  from unigrpo_jax.rewards import registry, remote  # reward code only when a run needs it
+  weights = dict(config.rewards)
+  try:
+    return registry.combined_reward(
+        weights, config, extra=remote.build_reward_fns(config.get("remote_rewards"),
+                                                       list(weights)))
+  except KeyError as e:
+    raise ValueError(f"config.rewards: {e.args[0]}") from None

@@ -249,13 +249,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs UniGRPO; returns the last metrics row written."""
   tokenizer = setup.tokenizer_for(config)  # a BAGEL directory brings its tokenizer.json
   # --- inputs first: each of these fails with a message before any compile.
-  try:
-    weights = dict(config.rewards)
-    reward_fn = registry.combined_reward(  # loads in-process reward models (CLIP) now
-        weights, config, extra=remote.build_reward_fns(config.get("remote_rewards"),
-                                                       list(weights)))
-  except KeyError as e:
-    raise ValueError(f"config.rewards: {e.args[0]}") from None
+  reward_fn = setup.reward_fn_for(config)  # loads in-process reward models (CLIP) now
   held_out = eval_records(config, tokenizer)
   source = prompt_source(config, tokenizer, held_out)
   check_reward_inputs(config, source)
