@@ -67,9 +67,21 @@ def test_example_config_validates(monkeypatch):
   from configs import bagel_7b_pickscore_vlm
   c = bagel_7b_pickscore_vlm.get_config()
   monkeypatch.setenv("VLM_JUDGE_TOKEN", "x")
-  known = set(registry.available()) | set(c.remote_rewards)
-  assert {"vlm_judge"} <= set(c.rewards) and set(c.rewards) <= known | {"pickscore"}
-  c.rewards = {k: v for k, v in c.rewards.items() if k in known}  # pickscore: another branch
+  assert dict(c.rewards) == {"pickscore": 1.0, "vlm_judge": 0.5}
+  assert c.rollout.group_size == 24 and c.optim.lr_gen == 3e-5  # Table 3, from bagel_7b
+  c.rewards = {"vlm_judge": 0.5}  # pickscore loads its model (a directory) when validated
+  config_validation.validate_rewards(c)
+
+
+def test_geneval_config_needs_its_server_url_and_evaluates_on_geneval(monkeypatch):
+  monkeypatch.syspath_prepend(REPO)
+  from configs import bagel_geneval
+  c = bagel_geneval.get_config()
+  assert dict(c.rewards) == {"geneval": 1.0}
+  assert c.data.eval_prompt_file == "package://geneval/evaluation_metadata.jsonl"
+  with pytest.raises(config_validation.ConfigError, match=r"remote_rewards.geneval.url: empty"):
+    config_validation.validate_rewards(c)
+  c.remote_rewards.geneval.url = "http://10.0.0.5:8000/score"
   config_validation.validate_rewards(c)
 
 
