@@ -109,3 +109,48 @@ def test_tfds_builder(tmp_path):
     assert score(ex["image"][None], [spec])["strict"][0] == 1.0
   ds = tfds.load("shape_world/tiny", data_dir=str(tmp_path), split="test[:4]", download=True)
   assert len(list(ds)) == 4
+
+
+class _CountingSource:
+  """A source that counts which records were read (to check each shard reads only its own)."""
+
+  def __init__(self, n):
+    self.n, self.read = n, []
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    self.read.append(int(i))
+    return {"prompt": f"p{int(i)}", "index": int(i)}
+
+
+@pytest.mark.parametrize("num_epochs", [None, 3])
+def test_sharded_loaders_rebuild_the_global_batches_and_read_only_their_rows(num_epochs):
+  global_batch, shards, steps = 6, 2, 5
+  whole = iter(make_prompt_loader(_CountingSource(17), global_batch, seed=3, num_epochs=num_epochs,
+                                  drop_remainder=True))
+  want = [next(whole)["index"] for _ in range(steps)]
+  sources = [_CountingSource(17) for _ in range(shards)]
+  its = [iter(make_prompt_loader(s, global_batch, seed=3, num_epochs=num_epochs,
+                                 drop_remainder=True, shard_index=i, shard_count=shards))
+         for i, s in enumerate(sources)]
+  for step in range(steps):
+    parts = [next(it)["index"] for it in its]
+    assert all(len(p) == global_batch // shards for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), want[step])  # same rows, same order
+  for i, s in enumerate(sources):  # each shard read exactly its own block of every batch
+    assert len(s.read) == steps * global_batch // shards
+    mine = np.concatenate([w[i * 3:(i + 1) * 3] for w in want])
+    assert sorted(s.read) == sorted(mine.tolist())
+  state = its[1].get_state()  # per-shard iterator state resumes that shard's stream
+  nxt = next(its[1])["index"]
+  again = iter(make_prompt_loader(_CountingSource(17), global_batch, seed=3, num_epochs=num_epochs,
+                                  drop_remainder=True, shard_index=1, shard_count=shards))
+  again.set_state(state)
+  np.testing.assert_array_equal(next(again)["index"], nxt)
+
+
+def test_sharded_loader_rejects_an_unsplittable_batch():
+  with pytest.raises(ValueError, match="global batch 5 cannot be split evenly over 2"):
+    make_prompt_loader(_CountingSource(10), 5, seed=0, shard_index=0, shard_count=2)

@@ -119,7 +119,9 @@ class RunCheckpointer:
   """
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    # gs:// (or any URL) is left as is: orbax writes there from every process.
+    root = workdir if "://" in workdir else os.path.abspath(workdir)
+    self.directory = os.path.join(root, "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,

@@ -110,6 +110,16 @@ def base() -> ml_collections.ConfigDict:
   c.remote_rewards.vlm_judge = entry_defaults("vlm_judge")  # needs .url and .model
   c.remote_rewards.geneval = entry_defaults("geneval")  # needs .url (a GenEval-detector server)
 
+  # Multi-process runs (unigrpo_jax/distributed.py, docs/multihost.md): '' = one process;
+  # 'auto' = JAX detects the cluster (Cloud TPU VM slice); 'host:port' = process 0's address.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  c.distributed.init_timeout_s = 300  # start-up: all processes must connect within this
+  c.distributed.heartbeat_timeout_s = 100  # a silent (dead) peer is declared dead after this
+  c.distributed.barrier_timeout_s = 600  # a peer later than this at a sync point ends the run
+
   c.eval = ml_collections.ConfigDict()
   c.eval.num_steps = 20
   c.eval.cfg_scale = 1.0

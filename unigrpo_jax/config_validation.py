@@ -69,6 +69,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"{c.advantage.estimator!r} is not one of {sorted(ADVANTAGE_ESTIMATORS)}")
   _require(len(c.rewards) > 0, "rewards", "needs at least one reward name with a weight")
   validate_rewards(c)
+  if "distributed" in c:  # process count/id, timeouts; the batch must split over processes
+    from unigrpo_jax import distributed
+    try:
+      distributed.DistributedConfig.from_config(c.distributed).validate()
+    except distributed.DistributedError as e:
+      raise ConfigError(f"config.{e}") from None
+    n = c.distributed.num_processes
+    _require(r.prompts_per_batch % n == 0, "rollout.prompts_per_batch",
+             f"{r.prompts_per_batch} prompts cannot be split evenly over "
+             f"distributed.num_processes={n}")
   _require(c.eval.num_steps > 0, "eval.num_steps", "must be positive")
   _require(c.sft.steps > 0 and c.sft.batch_size > 0, "sft", "steps and batch_size must be > 0")
 

@@ -71,6 +71,11 @@ def main(argv):
     config_validation.validate(config)
   except config_validation.ConfigError as e:
     sys.exit(f"error: bad config: {e}")
+  from unigrpo_jax import distributed
+  try:  # before anything touches a device: connects the processes of a multi-host run
+    distributed.initialize(distributed.DistributedConfig.from_config(config.distributed))
+  except distributed.DistributedError as e:
+    sys.exit(f"error: {e}")
   os.makedirs(_WORKDIR.value, exist_ok=True)
   try:
     with console.route_logs(_WORKDIR.value, verbose=config.verbose_logs):

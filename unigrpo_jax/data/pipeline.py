@@ -194,22 +194,42 @@ def collate(records: Sequence[dict]) -> dict:
   return out
 
 
+# Prompts are cheap to make and a step consumes a handful: read them on demand (grain's default
+# of 16 threads prefetching 500 elements would read hundreds of records ahead and compete with
+# XLA for the host's cores).
+_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
 def make_prompt_loader(source, batch_size: int, seed: int, shuffle: bool = True,
                        num_epochs: Optional[int] = None, drop_remainder: bool = False,
                        shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
   """grain IterDataset of batches (see `collate`); `iter(loader)` has get_state/set_state.
 
   Shuffling reshuffles every epoch (grain's MapDataset.shuffle is epoch aware);
-  num_epochs=None repeats forever. Shards take every shard_count-th record.
+  num_epochs=None repeats forever.
+
+  Sharding (one shard per process): ``batch_size`` is the GLOBAL batch. Shard ``i`` of ``n``
+  yields, for every global batch, its i-th block of ``batch_size // n`` records, so the n
+  shards' batches concatenated in shard order are exactly the one-shard batches (same records,
+  same order), and each shard reads only its own records (grain's MapDataset is lazy). Only
+  whole global batches are produced (a trailing partial one is dropped).
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
+  if shard_count < 1 or not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
+  if batch_size % shard_count:
+    raise ValueError(f"global batch {batch_size} cannot be split evenly over {shard_count} "
+                     "shards (processes)")
   ds = grain.MapDataset.source(source)
-  if shard_count > 1:
-    ds = ds[shard_index::shard_count]
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if num_epochs is None or num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
-  return ds.to_iter_dataset()
+  if shard_count == 1:
+    return ds.batch(batch_size, drop_remainder=drop_remainder,
+                    batch_fn=collate).to_iter_dataset(_READ_OPTIONS)
+  # Blocks of the global record stream: block k is shard (k % n)'s part of global batch k // n.
+  ds = ds.batch(batch_size // shard_count, drop_remainder=True, batch_fn=collate)
+  ds = ds[:len(ds) - len(ds) % shard_count]
+  return ds[shard_index::shard_count].to_iter_dataset(_READ_OPTIONS)

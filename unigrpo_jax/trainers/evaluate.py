@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from unigrpo_jax import distributed
 from unigrpo_jax.data import shapeworld as sw
 from unigrpo_jax.data.encoding import decode_reasoning, encode_prompts
 from unigrpo_jax.data.pipeline import PromptFileSource, ShapeWorldSource
@@ -71,7 +72,7 @@ class Evaluator:
     for start in range(0, n, self.batch):
       idx = np.arange(start, start + self.batch) % n  # a full last batch: no recompile
       out = self.sampler(params, self.tokens[idx], self.mask[idx], jax.random.fold_in(key, start))
-      out = jax.device_get(out)
+      out = distributed.to_host(out)  # every process gets the (small) eval batch
       keep = min(self.batch, n - start)
       images.append(np.asarray(to_uint8(out.images))[:keep])
       reasoning += decode_reasoning(self.tokenizer, out.reasoning_tokens, out.reasoning_mask)[:keep]
@@ -163,7 +164,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, save_only_samples:
   evaluator = build_evaluator(config, graphdef, model_cfg, tokenizer, autoencoder=autoencoder)
   metrics, picture = evaluator(params, jax.random.key(config.seed))
   path = os.path.join(workdir, "samples_eval.png")
-  grid.save_png(path, picture)
+  if distributed.is_main():
+    grid.save_png(path, picture)
   if not save_only_samples:
     logger = MetricsLogger(workdir, tensorboard=config.tensorboard)
     logger.write(0, metrics)

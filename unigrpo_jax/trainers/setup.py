@@ -100,8 +100,10 @@ def build_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
       raise AssertionError(f"loaded config {model.cfg} != validated {model_cfg}")
     return nnx.split(model)
   graphdef, params = parallel.create_sharded_model(model_cfg, config.seed, mesh, rules)
-  if init_params is not None:
-    params = jax.device_put(init_params, parallel.state_shardings(params, mesh, rules))
+  if init_params is not None:  # host values, the same on every process -> global arrays
+    from unigrpo_jax import distributed
+    params = jax.tree.map(distributed.global_array,
+                          parallel.state_shardings(params, mesh, rules), init_params)
   return graphdef, params
 
 

@@ -8,8 +8,8 @@ randomness is ``fold_in(seed, step)``; the data iterator state is checkpointed).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import signal
 import time
 from typing import Callable, Sequence
 
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from unigrpo_jax import checkpointing, parallel
+from unigrpo_jax import checkpointing, distributed, parallel
 from unigrpo_jax.data import shapeworld as sw
 from unigrpo_jax.data.encoding import decode_reasoning, encode_prompts
 from unigrpo_jax.data.pipeline import (PromptFileSource, ShapeWorldSource, make_prompt_loader,
@@ -199,11 +199,13 @@ def check_reward_inputs(config: ml_collections.ConfigDict, source) -> None:
 
 def score_rollout(reward_fn: Callable, images: np.ndarray, specs: Sequence[sw.Spec],
                   reasoning: Sequence[str], prompts: Sequence[str],
-                  metadata: Sequence[str] | None = None) -> dict:
-  """Calls the reward; on failure names the first prompt whose rows make it raise. A remote
-  reward's error already names its chunk and prompts: it is not re-run row by row (that would
-  send B more requests to a server that just failed)."""
+                  metadata: Sequence[str] | None = None, first_row: int = 0) -> dict:
+  """Calls the reward on this process's rows; on failure names the process and the first
+  prompt whose rows make it raise (``first_row``: global index of the first row given). A
+  remote reward's error already names its chunk and prompts: it is not re-run row by row (that
+  would send B more requests to a server that just failed)."""
   meta = lambda a, b: None if metadata is None else metadata[a:b]
+  who = f"process {jax.process_index()}: " if distributed.is_multiprocess() else ""
   try:
     return reward_fn(images, specs, reasoning, prompts=prompts, metadata=meta(0, len(specs)))
   except remote.RemoteRewardError as e:
@@ -214,28 +216,20 @@ def score_rollout(reward_fn: Callable, images: np.ndarray, specs: Sequence[sw.Sp
         reward_fn(images[i:i + 1], specs[i:i + 1], reasoning[i:i + 1],
                   prompts=prompts[i:i + 1], metadata=meta(i, i + 1))
       except Exception as row_error:
-        raise RewardError(f"reward failed on prompt {prompts[i]!r} (row {i}): "
-                          f"{type(row_error).__name__}: {row_error}") from row_error
-    raise RewardError(f"reward failed on the batch: {type(batch_error).__name__}: "
+        raise RewardError(f"{who}reward failed on prompt {prompts[i]!r} (row "
+                          f"{first_row + i}): {type(row_error).__name__}: "
+                          f"{row_error}") from row_error
+    raise RewardError(f"{who}reward failed on the batch: {type(batch_error).__name__}: "
                       f"{batch_error}") from batch_error
 
 
+# Per-row statistics every process computes for its own rows and shares (host data, tiny):
+# the run's reward, advantages and metrics are then computed from the whole batch, identically
+# on every process and identically to a one-process run.
+_ROW_STATS = ("reward", "strict", "reasoning_ok", "reasoning_len", "truncated")
+
+
 # ------------------------------------------------------------------ the run
-class _Preempted:
-  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
-
-  def __init__(self):
-    self.flag = False
-    self._previous = signal.signal(signal.SIGTERM, self._handler)
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    self.flag = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
-
-
 def _flat(tree) -> dict:
   """Checkpoint layout: leaves by index (restored into the abstract tree's structure)."""
   return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
@@ -262,6 +256,16 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      f"{model_cfg.vocab_size}-row embedding table")
   g = rcfg.group_size
   mesh, rules = mesh_and_rules(config)
+  batch_rows = config.rollout.prompts_per_batch * g
+  n_proc, proc = jax.process_count(), jax.process_index()
+  if config.rollout.prompts_per_batch % n_proc:
+    raise ValueError(f"config.rollout.prompts_per_batch={config.rollout.prompts_per_batch} "
+                     f"cannot be split evenly over {n_proc} processes")
+  # This process loads, decodes and scores rows [row_lo, row_hi) = its prompts' groups.
+  row_lo, row_hi = distributed.process_block(batch_rows, "the rollout batch")
+  same = json.loads(config.to_json_best_effort())
+  same.get("distributed", {}).pop("process_id", None)
+  distributed.check_same_everywhere("the config", same)
 
   # --- model, reference, optimizer state (created in their shardings).
   graphdef, params = setup.build_params(config, model_cfg, init_params, mesh, rules)
@@ -280,7 +284,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = checkpointing.RunCheckpointer(workdir, keep=config.keep_checkpoints,
                                        async_save=config.async_checkpointing)
   loader_iter = iter(make_prompt_loader(source, config.rollout.prompts_per_batch, config.seed,
-                                        drop_remainder=True))
+                                        drop_remainder=True, shard_index=proc,
+                                        shard_count=n_proc))
   start_step, nonfinite_in_row, nonfinite_total = 0, 0, 0
   saved_tree = {"train_state": train_state, "ref_params": ref_params}
   latest = ckpt.latest_step()
@@ -290,25 +295,37 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     flat, host = ckpt.restore(latest, _flat(abstract))
     restored = _unflat(flat, saved_tree)
     train_state, ref_params = restored["train_state"], restored["ref_params"]
-    loader_iter.set_state(host["data_iter"])
+    if host.get("num_processes", 1) != n_proc:
+      raise ValueError(f"checkpoint {ckpt.directory}/{latest} was written by "
+                       f"{host.get('num_processes', 1)} processes and this run has {n_proc}: "
+                       "resume with the same process count (each process's data position "
+                       "is saved)")
+    loader_iter.set_state(host["data_iter"][proc])
     start_step, nonfinite_total = host["step"], host["nonfinite_total"]
     nonfinite_in_row = host["nonfinite_in_row"]
-    truncate_metrics(workdir, start_step)
-    print(f"resumed from {ckpt.directory} at step {start_step}", flush=True)
+    if distributed.is_main():
+      truncate_metrics(workdir, start_step)
+    distributed.main_print(f"resumed from {ckpt.directory} at step {start_step}")
   if start_step >= config.total_steps:
-    print(f"nothing to do: step {start_step} >= total_steps {config.total_steps}")
+    distributed.main_print(f"nothing to do: step {start_step} >= total_steps "
+                           f"{config.total_steps}")
     ckpt.close()
     return {}
 
   logger = MetricsLogger(workdir, tensorboard=config.tensorboard)
   compiles = CompileCounter.install()
   progress = Progress(config.total_steps, start_step, every=config.log_every)
-  preempted = _Preempted()
+  preemption = distributed.PreemptionWatch()
   base_key = jax.random.key(config.seed)
 
-  def save(step: int) -> None:
-    ckpt.save(step, _flat({"train_state": train_state, "ref_params": ref_params}),
-              {"data_iter": loader_iter.get_state(), "step": step,
+  def save(step: int, data_iter_state=None) -> None:
+    """Called by every process: orbax writes each process's shards; the JSON item (written by
+    process 0) holds every process's data-iterator position."""
+    state = {"train_state": train_state, "ref_params": ref_params}
+    distributed.assert_global(state, "saved state ")
+    iters = distributed.exchange("data_iter", data_iter_state or loader_iter.get_state())
+    ckpt.save(step, _flat(state),
+              {"data_iter": iters, "num_processes": n_proc, "step": step,
                "nonfinite_total": nonfinite_total, "nonfinite_in_row": nonfinite_in_row},
               force=True)
 
@@ -316,7 +333,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.time()
     metrics, picture = evaluator(train_state.params, jax.random.fold_in(base_key, 2**31 - 1))  # fixed eval noise
     metrics["perf/eval_time_s"] = time.time() - t0
-    grid.save_png(os.path.join(workdir, f"samples_step_{step:06d}.png"), picture)
+    if distributed.is_main():
+      grid.save_png(os.path.join(workdir, f"samples_step_{step:06d}.png"), picture)
     logger.write_images(step, {"samples": picture})
     if jax.process_index() == 0:
       print(eval_summary(step, metrics), flush=True)
@@ -327,30 +345,60 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step == 0:
       last = {"step": 0, **evaluate(0), "perf/num_compiles": compiles.count}
       logger.write(0, {k: v for k, v in last.items() if k != "step"})
+    save_now = None
     for step in range(start_step + 1, config.total_steps + 1):
       t0 = time.time()
-      batch = next(loader_iter)
+      iter_before = loader_iter.get_state()
+      batch = next(loader_iter)  # this process's prompts only
       prompts = list(batch["prompt"])
       specs = [sw.Spec.from_json(s) if s else None for s in batch["spec"]]  # None: free text
       metadata = batch.get("metadata", [""] * len(prompts))
       tokens, mask = encode_prompts(tokenizer, prompts, config.data.max_prompt_len)
+      # Every process passes the whole (tiny) prompt batch: the rollout is one global program.
+      tokens = distributed.allgather_rows(tokens, "prompt_tokens")
+      mask = distributed.allgather_rows(mask, "prompt_mask")
       key = jax.random.fold_in(base_key, step)
       tokens, mask = jax.device_put((tokens, mask), programs.prompt_sharding)
       traj = rollout_fn(train_state.params, tokens, mask, jax.random.fold_in(key, 0))
-      host = jax.device_get((traj.images, traj.reasoning_tokens, traj.reasoning_mask,
-                             traj.truncated))
+      # Only this process's rows come to the host (no gathering of all images to one host).
+      host = [distributed.local_rows(a, row_lo, row_hi)
+              for a in (traj.images, traj.reasoning_tokens, traj.reasoning_mask, traj.truncated)]
       t_rollout = time.time() - t0
       images = np.asarray(to_uint8(host[0]))
       reasoning = decode_reasoning(tokenizer, host[1], host[2])
       row_prompts = [p for p in prompts for _ in range(g)]
       row_specs = [s for s in specs for _ in range(g)]
-      rewards = score_rollout(reward_fn, images, row_specs, reasoning, row_prompts,
-                              [m for m in metadata for _ in range(g)])
-      reward = np.asarray(rewards["reward"], np.float32)
+      try:
+        rewards = score_rollout(reward_fn, images, row_specs, reasoning, row_prompts,
+                                [m for m in metadata for _ in range(g)], row_lo)
+        reward = np.asarray(rewards["reward"], np.float32)
+        # Reasoning accuracy only where there is a scene to match (NaN for free-text rows).
+        reasoning_ok = [np.nan if s is None else float(sw.parse_reasoning(t) == s)
+                        for t, s in zip(reasoning, row_specs)]
+        local = np.stack([
+            reward, np.asarray(rewards.get("shapeworld/strict", reward), np.float32),
+            np.asarray(reasoning_ok, np.float32),
+            np.sum(host[2], axis=1).astype(np.float32), np.asarray(host[3], np.float32)], 1)
+      except RewardError as e:
+        local = str(e)  # every process learns of it and stops (nobody waits for a dead peer)
+      shared = distributed.exchange("row_stats", local)
+      for item in shared:
+        if isinstance(item, str):
+          raise RewardError(item)
+      stats = dict(zip(_ROW_STATS, np.concatenate(shared, axis=0).T))
+      reward = stats["reward"]
+      # Every row's prompt category, in global row order (process blocks are in process order).
+      row_categories = [c for block in distributed.exchange("categories", list(batch["category"]))
+                        for c in block for _ in range(g)]
       advantages = adv_lib.get_advantage_fn(config.advantage.estimator)(
           jnp.asarray(reward), g, eps=config.advantage.eps, clip=config.advantage.clip)
+      if preemption.reached(2 * step):  # long rollouts: also check between rollout and update
+        distributed.main_print(f"preempted: stopping at step {step} before its update; the "
+                               f"checkpoint of step {step - 1} is saved")
+        save_now = step - 1
+        break
       t1 = time.time()
-      traj, advantages = jax.device_put((traj, advantages), batch_sh)
+      traj, advantages = jax.device_put((traj, np.asarray(advantages)), batch_sh)
       new_state, m = train_step(train_state, ref_params, traj, advantages,
                                 jax.random.fold_in(key, 1))
       m = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -365,24 +413,23 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              f"gradients at step {step} (loss {m['loss/total']}, grad norm "
                              f"{m['grad_norm/total']}); stopping. Lower the learning rates or "
                              "check the rewards.")
-      parsed_ok = [sw.parse_reasoning(t) == s for t, s in zip(reasoning, row_specs)
-                   if s is not None]
+      scored = stats["reasoning_ok"][np.isfinite(stats["reasoning_ok"])]
       metrics = {f"train/{k}": v for k, v in m.items()}
       metrics["train/loss"] = m["loss/total"]
       metrics.update({
           "train/reward_mean": float(reward.mean()), "train/reward_std": float(reward.std()),
-          "train/strict_mean": float(np.mean(rewards.get("shapeworld/strict", reward))),
-          **({"train/reasoning_accuracy": float(np.mean(parsed_ok))} if parsed_ok else {}),
+          "train/strict_mean": float(np.mean(stats["strict"])),
+          **({"train/reasoning_accuracy": float(np.mean(scored))} if scored.size else {}),
           "train/zero_variance_groups": float(adv_lib.zero_variance_fraction(jnp.asarray(reward),
                                                                              g)),
-          "train/reasoning_len": float(np.mean(np.sum(host[2], axis=1))),
-          "train/truncated_frac": float(np.mean(host[3])),
+          "train/reasoning_len": float(np.mean(stats["reasoning_len"])),
+          "train/truncated_frac": float(np.mean(stats["truncated"])),
           "train/nonfinite_skipped_total": float(nonfinite_total),
           "perf/rollout_time_s": t_rollout, "perf/train_time_s": time.time() - t1,
       })
       # Per prompt category (ShapeWorld's, GenEval's tags, a prompt file's "category").
-      metrics.update(geneval.per_category_accuracy(
-          [c for c in batch["category"] for _ in range(g)], reward, prefix="train/reward/"))
+      metrics.update(geneval.per_category_accuracy(row_categories, reward,
+                                                   prefix="train/reward/"))
       if step % config.eval_every == 0 or step == config.total_steps:
         metrics.update(evaluate(step))
       metrics["perf/step_time_s"] = time.time() - t0
@@ -391,13 +438,17 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       last = {"step": step, **metrics}
       progress.update(step, {"reward": metrics["train/reward_mean"],
                              "loss": metrics["train/loss"]})
-      if step % config.checkpoint_every == 0 or step == config.total_steps or preempted.flag:
+      preempted = preemption.reached(2 * step + 1)  # the same answer on every process
+      if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
         save(step)
-      if preempted.flag:
-        print(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting", flush=True)
+      if preempted:
+        distributed.main_print(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting")
         break
+    if save_now is not None and save_now > start_step and save_now % config.checkpoint_every:
+      save(save_now, iter_before)  # step - 1's state: this step's batch is read again on resume
+    distributed.barrier("end of run")
   finally:
-    preempted.restore()
+    preemption.restore()
     logger.close()
     ckpt.close()
   return last
