@@ -348,3 +348,40 @@ def test_latent_kl_in_the_loss_matches_flow_grpo(world):
   want = np.mean(per / (2 * NOISE**2 * t[..., 0, 0] / (1 - tp[..., 0, 0])))
   assert want > 1e-6  # the two models do differ
   np.testing.assert_allclose(float(kl), want, rtol=1e-4)
+
+
+def _dot_output_shapes(jaxpr) -> list[tuple]:
+  """Shapes of every dot_general output in a (closed) jaxpr, nested jaxprs included."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      shapes.append(tuple(eqn.outvars[0].aval.shape))
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          shapes += _dot_output_shapes(inner)
+  return shapes
+
+
+def test_lm_head_runs_only_on_reasoning_slots(world):
+  """The loss's LM head produces [B, T, V] logits, never [B, P + T, V] over the context."""
+  traj, adv, v = world["traj"], world["adv"], world["cfg"].vocab_size
+  b, p, t = traj.reasoning_tokens.shape[0], traj.prompt_tokens.shape[1], \
+      traj.reasoning_tokens.shape[1]
+  obj = dataclasses.replace(BASE_OBJ, text_kl_coef=0.1)  # the reference's LM head too
+  jaxpr = jax.make_jaxpr(lambda pr, bt, a: ts.loss_fn(pr, pr, world["graphdef"], bt, a, obj))(
+      world["state"], traj, adv).jaxpr
+  vocab_dots = [s for s in _dot_output_shapes(jaxpr) if s and s[-1] == v]
+  assert vocab_dots and all(s == (b, t, v) for s in vocab_dots), vocab_dots
+
+
+def test_logits_slice_equals_slicing_full_logits(world):
+  model = nnx.merge(world["graphdef"], world["state"])
+  tokens = jax.random.randint(jax.random.key(0), (2, 7), 3, world["cfg"].vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+  full = model(tokens, pos).logits
+  part = model(tokens, pos, logits_slice=(2, 4)).logits
+  np.testing.assert_array_equal(np.asarray(part), np.asarray(full[:, 2:6]))
+  with pytest.raises(ValueError, match=r"logits_slice=\(5, 4\) is outside the 7 text slots"):
+    model(tokens, pos, logits_slice=(5, 4))

@@ -267,7 +267,8 @@ class UnifiedModel(nnx.Module):
                cache: Optional[KVCache] = None,
                stop_context_grad: bool = False,
                compute_logits: bool = True,
-               cache_slot=None) -> ModelOutput:
+               cache_slot=None,
+               logits_slice: Optional[tuple[int, int]] = None) -> ModelOutput:
     """Forward pass over ``[cache | text | image blocks]``.
 
     Args:
@@ -282,6 +283,9 @@ class UnifiedModel(nnx.Module):
       cache: read-only context in front of the text segment (without ``cache_slot``).
       stop_context_grad: image blocks read the context keys/values through stop_gradient.
       compute_logits: skip the LM head when only the text k/v are needed.
+      logits_slice: static (start, length): the LM head runs only on text slots
+        ``start .. start+length`` (the slots whose next-token logits are used), never on the
+        whole context: logits are then [B, length, V].
       cache_slot: int or int32 scalar: the text tokens are written into ``cache`` at slots
         ``cache_slot .. cache_slot+Lt`` (each layer in place, before attending) and attend over
         the valid cache slots up to their own. Text only; the output carries the new cache.
@@ -332,6 +336,12 @@ class UnifiedModel(nnx.Module):
     if text_x is not None:
       text_k, text_v = jnp.stack(new_k), jnp.stack(new_v)
       if compute_logits:
+        if logits_slice is not None:
+          start, length = logits_slice
+          if not (0 <= start and length >= 1 and start + length <= text_x.shape[1]):
+            raise ValueError(f"logits_slice={logits_slice} is outside the {text_x.shape[1]} "
+                             "text slots")
+          text_x = text_x[:, start:start + length]
         logits = self.text_logits(text_x)
     if image_x is not None:
       gen_norm = self.gen_norm if self.gen_norm is not None else self.und_norm

@@ -195,11 +195,17 @@ def _step_means(step_fn, window, v, noise_level) -> jax.Array:
   return mean.reshape(x_t.shape)
 
 
-def _forward(graphdef, state, layout, window, cfg: ObjectiveConfig, compute_logits: bool):
+def _forward(graphdef, state, layout, window, cfg: ObjectiveConfig, compute_logits: bool,
+             reasoning_slots: tuple[int, int] = (0, 0)):
+  """The packed forward. With ``compute_logits`` the LM head runs only on the slots that
+  predict the reasoning tokens: ``reasoning_slots`` = (P, T) gives logits [B, T, V] at slots
+  P - 1 .. P + T - 2 (slot s predicts the token at s + 1), never over the whole context."""
   model = nnx.merge(graphdef, state)
+  p_slots, t_slots = reasoning_slots
   return model(layout.tokens, layout.positions, layout.valid, latents=window.x_t,
                times=window.t, image_position=layout.image_position,
-               stop_context_grad=cfg.stop_context_grad, compute_logits=compute_logits)
+               stop_context_grad=cfg.stop_context_grad, compute_logits=compute_logits,
+               logits_slice=(p_slots - 1, t_slots) if compute_logits else None)
 
 
 def _context_layout(graphdef, params, batch: Trajectory, cfg: ObjectiveConfig):
@@ -223,10 +229,10 @@ def _policy_terms(params, graphdef, batch: Trajectory, layout, cfg: ObjectiveCon
   if p_slots < 1:
     raise ValueError("the trajectory needs >= 1 prompt slot (its last logit predicts the first "
                      "reasoning token)")
-  out = _forward(graphdef, params, layout, window, cfg, compute_logits=True)
-  # Reasoning token t (slot P + t) is predicted by the logits at slot P + t - 1.
-  logp = cfg.text_logprobs(out.logits[:, p_slots - 1:p_slots + t_slots - 1],
-                          batch.reasoning_tokens)
+  out = _forward(graphdef, params, layout, window, cfg, compute_logits=True,
+                 reasoning_slots=(p_slots, t_slots))
+  # Reasoning token t (slot P + t) is predicted by the logits at slot P + t - 1: out.logits[:, t].
+  logp = cfg.text_logprobs(out.logits, batch.reasoning_tokens)
   flow_mask = _window_mask(window)
   v = out.velocity  # [B, K, N, Dl] f32
   mean_theta = _step_means(step_fn, window, v, cfg.noise_level)
@@ -287,11 +293,11 @@ def loss_fn(params: nnx.State, ref_params: Optional[nnx.State], graphdef: nnx.Gr
       raise ValueError(f"regularizer={cfg.regularizer!r} / text_kl_coef={cfg.text_kl_coef} "
                        "need ref_params")
     ref_out = jax.lax.stop_gradient(_forward(graphdef, ref_params, layout, window, cfg,
-                                             compute_logits=cfg.text_kl_coef > 0))
+                                             compute_logits=cfg.text_kl_coef > 0,
+                                             reasoning_slots=(p_slots, t_slots)))
   ref_logp = None
   if cfg.text_kl_coef > 0:
-    ref_logp = cfg.text_logprobs(ref_out.logits[:, p_slots - 1:p_slots + t_slots - 1],
-                                 batch.reasoning_tokens)
+    ref_logp = cfg.text_logprobs(ref_out.logits, batch.reasoning_tokens)
 
   text_loss, text_m = losses.text_grpo_loss(
       logp, batch.reasoning_logp, adv, text_mask, cfg.text_clip,

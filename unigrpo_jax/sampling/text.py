@@ -106,9 +106,10 @@ def prefill(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask: jax.Arra
   prompt_mask = prompt_mask.astype(bool)
   if cache_len < p:
     raise ValueError(f"cache_len={cache_len} is shorter than the prompt ({p} slots)")
-  out = model(prompt_tokens, prompt_positions(prompt_mask), prompt_mask)
+  # Only the last slot's logits are needed: the LM head runs on that slot alone.
+  out = model(prompt_tokens, prompt_positions(prompt_mask), prompt_mask, logits_slice=(p - 1, 1))
   cache = KVCache.zeros(model.cfg, b, cache_len).write(out.text_k, out.text_v, 0, prompt_mask)
-  return cache, out.logits[:, -1]
+  return cache, out.logits[:, 0]
 
 
 def select_token(logits: jax.Array, key: jax.Array,

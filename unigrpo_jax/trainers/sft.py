@@ -56,10 +56,10 @@ def sft_loss(params, graphdef, batch: dict, key, *, vision_start_id: int, pad_id
   t = shift * u / (1 + (shift - 1) * u)  # the density of the shifted sampling grid
   eps = jax.random.normal(e_key, x0.shape)
   x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+  # Logit at slot s predicts the token at slot s + 1: the LM head runs on slots P-1 .. P+T-2.
   out = model(layout.tokens, layout.positions, layout.valid, latents=x_t, times=t,
-              image_position=layout.image_position)
-  # Logit at slot s predicts the token at slot s + 1.
-  logits = out.logits[:, p - 1:p - 1 + t_len]
+              image_position=layout.image_position, logits_slice=(p - 1, t_len))
+  logits = out.logits
   logp = token_logprobs(logits, batch["reasoning_tokens"])
   mask = batch["reasoning_mask"].astype(jnp.float32)
   ce = -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
