@@ -17,8 +17,10 @@ def get_config():
   c.optim.lr_gen = 1e-5
   c.objective.flow_clip = 1e-3
   c.objective.reg_weight = 1.5e-5
-  c.total_steps = 60
-  c.eval_every = 20
-  c.checkpoint_every = 20
-  c.data.eval_tasks = 128
+  # 100 steps fit the 10-minute budget on 2 cores (about 3 s a step); 512 held-out prompts make
+  # the eval's sampling noise (about 0.013 standard error) small against a 0.05 gain.
+  c.total_steps = 100
+  c.eval_every = 25
+  c.checkpoint_every = 25
+  c.data.eval_tasks = 512
   return c

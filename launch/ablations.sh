@@ -3,13 +3,14 @@
 # joint UniGRPO, same budget, several seeds; then the table and the reward curve.
 #
 #   bash launch/ablations.sh runs/ablations [STEPS] [SEEDS...]
+#   VARIANTS="text_only image_only" bash launch/ablations.sh ...   # a subset of the variants
 set -euo pipefail
 OUT="${1:-runs/ablations}"; STEPS="${2:-30}"; shift 2 || true
 SEEDS=("${@:-0 1 2}"); [ "$#" -gt 0 ] || SEEDS=(0 1 2)
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 for seed in "${SEEDS[@]}"; do
-  for variant in joint text_only image_only; do
+  for variant in ${VARIANTS:-joint text_only image_only}; do
     case "$variant" in
       joint) config=configs/shapes_cpu.py ;;
       *) config=configs/ablations/$variant.py ;;

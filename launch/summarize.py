@@ -16,9 +16,9 @@ def rows(path):
 
 
 def main(root):
-  table, curves = {}, {}
+  table, curves, per_seed = {}, {}, []
   for metrics in sorted(glob.glob(os.path.join(root, "*", "seed*", "metrics.jsonl"))):
-    variant = metrics.split(os.sep)[-3]
+    variant, seed = metrics.split(os.sep)[-3], metrics.split(os.sep)[-2]
     data = rows(metrics)
     evals = [r for r in data if "eval/reward_mean" in r]
     if len(evals) < 2:
@@ -29,6 +29,10 @@ def main(root):
                                                  first["eval/reasoning_accuracy"]))
     table.setdefault(variant, []).append((last["eval/reward_mean"], last["eval/strict_accuracy"],
                                           last["eval/reasoning_accuracy"]))
+    per_seed.append(f"| {variant} | {seed} | {first['eval/reward_mean']:.3f} -> "
+                    f"{last['eval/reward_mean']:.3f} | {first['eval/strict_accuracy']:.3f} -> "
+                    f"{last['eval/strict_accuracy']:.3f} | {first['eval/reasoning_accuracy']:.3f}"
+                    f" -> {last['eval/reasoning_accuracy']:.3f} | {last['step']} |")
     curves.setdefault(variant, []).append([(r["step"], r["train/reward_mean"]) for r in data
                                            if "train/reward_mean" in r])
   lines = ["| method | eval reward | strict accuracy | reasoning accuracy | runs |",
@@ -41,6 +45,8 @@ def main(root):
       vals = np.unique(vals, axis=0)  # every run starts from the same evaluation
     cells = [f"{vals[:, i].mean():.3f} ± {vals[:, i].std():.3f}" for i in range(3)]
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(vals)} |")
+  lines += ["", "| variant | seed | eval reward | strict accuracy | reasoning accuracy | steps |",
+            "|---|---|---|---|---|---|", *per_seed]
   print("\n".join(lines))
   with open(os.path.join(root, "table.md"), "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -65,19 +65,16 @@ def test_two_processes_match_one_process(tmp_path):
   for ra, rb in zip(a[1:], b[1:]):
     assert ra["train/reward_mean"] == rb["train/reward_mean"]  # same rollouts, same scores
     # A step's first minibatch, before its update (ratios ~1, near-zero KLs and losses): equal
-    # to 1e-6 of the ratios' size at step 1 (no update yet), 1e-4 after one.
-    tol = 1e-6 if ra["step"] == 1 else 1e-4
+    # to float32 rounding (1e-5 of the ratios' size; measured 1.9e-6) at step 1, 1e-4 after.
+    tol = 1e-5 if ra["step"] == 1 else 1e-4
     for k in ra:
       if k.startswith("train/onpolicy/") and not k.endswith("maxdiff"):
         assert _close(ra[k], rb[k], rel=tol, scale=1.0), (k, ra[k], rb[k])
     # The velocity MSE to the reference (O(0.1), no cancellation) after Adam updates.
     assert _close(ra["train/loss/reg"], rb["train/loss/reg"]), \
         (ra["train/loss/reg"], rb["train/loss/reg"])
-    # The loss is a near-cancellation (zero-mean advantages: ~1e-5 from terms of size ~1), so
-    # float32 reduction order (gloo vs in-process all-reduce) moves it by ~1e-8: compare it
-    # relative to its terms' size.
-    assert _close(ra["train/loss"], rb["train/loss"], scale=1.0), \
-        (ra["train/loss"], rb["train/loss"])
+    # Measured: 1.6e-6 and 1.5e-5 relative (losses -2.3e-3 and -1.5e-3).
+    assert _close(ra["train/loss"], rb["train/loss"]), (ra["train/loss"], rb["train/loss"])
     assert _close(ra["train/grad_norm/total"], rb["train/grad_norm/total"], rel=1e-3)
   assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["1", "2"]
   # Only process 0 wrote files; process 1 printed its one start-up line (plus gloo's own

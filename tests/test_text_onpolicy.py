@@ -3,7 +3,7 @@
 The rollout and the train step are built from one ConfigDict through the trainer's own mapping
 (``rollout_config`` / ``objective_config``), so a knob the objective does not receive (as top_k /
 top_p once were) shows up as a first-epoch text ratio != 1. The tiny model's embedding table has
-192 rows for the ShapeWorld tokenizer's 78 words, like the shipped warm start, so the default
+192 rows for the ShapeWorld tokenizer's 78 words (as the first shipped warm start had), so the default
 ``rollout.vocab_limit`` (-1: the tokenizer's size) must keep every sampled id below 78.
 """
 import jax
