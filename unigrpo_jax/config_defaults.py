@@ -21,6 +21,8 @@ def base() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
   c.model.remat = False
+  c.model.remat_policy = "nothing_saveable"  # with remat: what the backward keeps (ModelConfig)
+  c.model.scan_layers = False  # the layer stack as one lax.scan: compile time flat in depth
   c.model.image_size = 1024  # BAGEL directories only: training resolution (<= 16 * 64 px)
   c.model.vocab_size = 0  # 0: the tokenizer's; larger: the preset's real table (AOT planning)
   c.model.num_layers = 0  # 0: the preset's; fewer: cheaper AOT compiles to extrapolate from

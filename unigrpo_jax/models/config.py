@@ -11,6 +11,8 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "offload_dots")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -55,6 +57,11 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and RoPE stay float32.
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each layer in the backward pass.
+  # What the backward pass keeps of a rematerialised layer: see ``unified.remat_policy``.
+  remat_policy: str = "nothing_saveable"
+  # Run the layer stack as one lax.scan (compile time flat in depth) instead of a Python loop.
+  # Same parameters and results; the decode loop (``cache_slot``) always runs unrolled.
+  scan_layers: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
@@ -90,6 +97,9 @@ class ModelConfig:
       if v is not None and not 0 <= v < self.vocab_size:
         raise ValueError(f"ModelConfig.{name}={v} is not a token id of the "
                          f"vocab_size={self.vocab_size} embedding table")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r} is not one of "
+                       f"{list(REMAT_POLICIES)}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of "

@@ -413,7 +413,7 @@ def load_qwen2(path: str, *, dtype: str = "float32", mesh=None, mot: bool = Fals
                image_size: int = 1024, max_latent_size: int = 64,
                vision_start_id: Optional[int] = None, vision_end_id: Optional[int] = None,
                seed: int = 0, rules=None, compute_dtype: Optional[str] = None,
-               remat: bool = False) -> UnifiedModel:
+               remat: bool = False, **runtime) -> UnifiedModel:
   """An HF Qwen2 / Qwen2.5 directory -> UnifiedModel (BAGEL's image conventions).
 
   ``path`` holds ``config.json`` and ``model.safetensors`` (or shards + an index). Tied or untied
@@ -422,7 +422,9 @@ def load_qwen2(path: str, *, dtype: str = "float32", mesh=None, mot: bool = Fals
   expert, as BAGEL did. The image side (``latent_io``) is not in a Qwen2 checkpoint: it gets a
   fresh init from ``seed`` (``llm2vae`` zero, BAGEL's sin-cos position table). Marker ids:
   explicit, else ``tokenizer.json``, else Qwen2.5's. ``dtype`` is the parameter dtype;
-  ``compute_dtype`` (default: ``dtype``), ``remat`` and the sharding ``rules`` are passed through.
+  ``compute_dtype`` (default: ``dtype``), ``remat``, the other runtime fields of ModelConfig
+  (``runtime``: ``scan_layers``, ``remat_policy``, ...) and the sharding ``rules`` are passed
+  through.
   """
   conf_path = os.path.join(path, "config.json")
   fields = _qwen2_fields(_read_json(conf_path), conf_path)
@@ -434,7 +436,7 @@ def load_qwen2(path: str, *, dtype: str = "float32", mesh=None, mot: bool = Fals
                       vae_downsample=_BAGEL_VAE_DOWNSAMPLE, patch_size=_BAGEL_PATCH,
                       timestep_scale=1.0, max_latent_size=max_latent_size,
                       vision_start_id=vs, vision_end_id=ve, dtype=compute_dtype or dtype,
-                      param_dtype=dtype, remat=remat)
+                      param_dtype=dtype, remat=remat, **runtime)
   except ValueError as e:
     raise CheckpointFormatError(f"{conf_path}: {e}") from None
   index = TensorIndex.from_path(path, "model.safetensors", "model.safetensors.index.json")
@@ -459,7 +461,7 @@ def _config_note(cfg: ModelConfig) -> str:
 def bagel_config(path: str, *, dtype: str = "float32", image_size: int = 1024,
                  vision_start_id: Optional[int] = None, vision_end_id: Optional[int] = None,
                  index: Optional[TensorIndex] = None, compute_dtype: Optional[str] = None,
-                 remat: bool = False) -> ModelConfig:
+                 remat: bool = False, **runtime) -> ModelConfig:
   """The ModelConfig of a BAGEL directory: text shapes from ``llm_config.json``, QK-norm on and
   the head untied (BAGEL forces both), image shapes from the generation-head tensors."""
   conf_path = os.path.join(path, "llm_config.json")
@@ -489,7 +491,7 @@ def bagel_config(path: str, *, dtype: str = "float32", image_size: int = 1024,
                        timestep_freq_dim=shapes["time_embedder.mlp.0.weight"][1],
                        timestep_scale=1.0, max_latent_size=side, vision_start_id=vs,
                        vision_end_id=ve, dtype=compute_dtype or dtype, param_dtype=dtype,
-                       remat=remat)
+                       remat=remat, **runtime)
   except ValueError as e:
     raise CheckpointFormatError(f"{conf_path}: {e}") from None
 
@@ -497,7 +499,7 @@ def bagel_config(path: str, *, dtype: str = "float32", image_size: int = 1024,
 def load_bagel(path: str, *, dtype: str = "float32", image_size: int = 1024,
                vision_start_id: Optional[int] = None, vision_end_id: Optional[int] = None,
                mesh=None, rules=None, compute_dtype: Optional[str] = None,
-               remat: bool = False) -> UnifiedModel:
+               remat: bool = False, **runtime) -> UnifiedModel:
   """A BAGEL directory (``llm_config.json`` + ``ema.safetensors``) -> UnifiedModel.
 
   Both experts, both final norms, untied head, QK-norm, the generation heads and the stored
@@ -510,7 +512,7 @@ def load_bagel(path: str, *, dtype: str = "float32", image_size: int = 1024,
   index = TensorIndex.from_path(path, "ema.safetensors")
   cfg = bagel_config(path, dtype=dtype, image_size=image_size, vision_start_id=vision_start_id,
                      vision_end_id=vision_end_id, index=index, compute_dtype=compute_dtype,
-                     remat=remat)
+                     remat=remat, **runtime)
   rows = bagel_key_map(cfg)
   abstract = _flat_abstract(nnx.state(nnx.eval_shape(lambda: UnifiedModel(cfg, nnx.Rngs(0)))))
   note = f"{os.path.join(path, 'llm_config.json')} ({_config_note(cfg)})"

@@ -23,6 +23,7 @@ packed training pass      ``model(tokens, ..., latents=[B, K, N, D], times=[B, K
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.struct
@@ -323,18 +324,13 @@ class UnifiedModel(nnx.Module):
       marker_x = jnp.broadcast_to(jnp.take(self.embed[...], ids, axis=0).astype(cfg.compute_dtype),
                                   image_x.shape[:2] + (2, cfg.hidden))
 
-    new_k, new_v = [], []
-    for i, layer in enumerate(self.layers):
-      prefix = (None, None, None) if cache is None else (cache.k[i], cache.v[i], cache.valid)
-      call = _remat_layer if cfg.remat else _call_layer
-      text_x, image_x, marker_x, tk, tv = call(layer, text_x, positions, text_mask, text_valid,
-                                               image_x, marker_x, image_position, *prefix,
-                                               stop_context_grad)
-      new_k.append(tk), new_v.append(tv)
+    inputs = (positions, text_mask, text_valid, image_position)
+    run = _scan_layers if cfg.scan_layers else _loop_layers
+    text_x, image_x, marker_x, text_k, text_v = run(self.layers, cfg, (text_x, image_x, marker_x),
+                                                    inputs, cache, stop_context_grad)
 
-    logits = velocity = text_k = text_v = None
+    logits = velocity = None
     if text_x is not None:
-      text_k, text_v = jnp.stack(new_k), jnp.stack(new_v)
       if compute_logits:
         if logits_slice is not None:
           start, length = logits_slice
@@ -386,7 +382,81 @@ def _call_layer(layer, text_x, text_pos, text_mask, text_valid, image_x, marker_
                prefix_v, prefix_valid, stop_context_grad)
 
 
-def _remat_layer(layer, *args):
+def _loop_layers(layers, cfg: ModelConfig, carry, inputs, cache: Optional[KVCache],
+                 stop_context_grad: bool):
+  """The layer stack as a Python loop (one HLO copy of the layer per layer).
+
+  carry: (text_x [B, Lt, D] | None, image_x [B, K, N, D] | None, marker_x [B, K, M, D] | None);
+  inputs: (positions, text_mask, text_valid, image_position), read by every layer.
+  Returns (text_x, image_x, marker_x, text_k, text_v) with text_k / text_v [L, B, Lt, Hkv, D]
+  (None without text).
+  """
+  text_x, image_x, marker_x = carry
+  positions, text_mask, text_valid, image_position = inputs
+  new_k, new_v = [], []
+  for i, layer in enumerate(layers):
+    prefix = (None, None, None) if cache is None else (cache.k[i], cache.v[i], cache.valid)
+    call = functools.partial(_remat_layer, policy=remat_policy(cfg)) if cfg.remat else _call_layer
+    text_x, image_x, marker_x, tk, tv = call(layer, text_x, positions, text_mask, text_valid,
+                                             image_x, marker_x, image_position, *prefix,
+                                             stop_context_grad)
+    new_k.append(tk), new_v.append(tv)
+  if text_x is None:
+    return text_x, image_x, marker_x, None, None
+  return text_x, image_x, marker_x, jnp.stack(new_k), jnp.stack(new_v)
+
+
+def _scan_layers(layers, cfg: ModelConfig, carry, inputs, cache: Optional[KVCache],
+                 stop_context_grad: bool):
+  """``_loop_layers`` as one ``lax.scan`` over the layers' stacked state (same result).
+
+  The compiler sees one layer body whatever the depth, so compile time stays flat in the number
+  of layers (28 layers compile like one), and with ``remat`` only the [B, L, D] carry of each
+  layer is saved for the backward pass. The parameters stay one tree per layer (the layout of
+  checkpoints, loaders and optimizer labels); they are stacked into [num_layers, ...] arrays
+  here, which costs one extra copy of this device's shard of the layer weights per call. A
+  read-only cache is stacked likewise (its per-layer buffers exist for the decode loop, which
+  never scans: see ``_text_into_cache``).
+  """
+  graphdef, first = nnx.split(layers[0])
+  states = [first] + [nnx.split(layer)[1] for layer in layers[1:]]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  positions, text_mask, text_valid, image_position = inputs
+  if cache is None:
+    prefix_kv, prefix_valid = (None, None), None
+  else:
+    prefix_kv, prefix_valid = (jnp.stack(cache.k), jnp.stack(cache.v)), cache.valid
+
+  def body(carry, xs):
+    text_x, image_x, marker_x = carry
+    state, (prefix_k, prefix_v) = xs
+    text_x, image_x, marker_x, tk, tv = _call_layer(
+        nnx.merge(graphdef, state), text_x, positions, text_mask, text_valid, image_x, marker_x,
+        image_position, prefix_k, prefix_v, prefix_valid, stop_context_grad)
+    return (text_x, image_x, marker_x), (tk, tv)
+
+  if cfg.remat:
+    body = jax.checkpoint(body, policy=remat_policy(cfg))
+  (text_x, image_x, marker_x), (text_k, text_v) = jax.lax.scan(body, carry,
+                                                               (stacked, prefix_kv))
+  return text_x, image_x, marker_x, text_k, text_v
+
+
+def remat_policy(cfg: ModelConfig):
+  """``cfg.remat_policy`` as a ``jax.checkpoint`` policy (what the backward may keep).
+
+  nothing_saveable: only each layer's input is kept, everything else is recomputed (least
+  memory, one extra forward). dots_saveable / dots_with_no_batch_dims_saveable: matmul outputs
+  are kept (less recompute, more memory). offload_dots: matmul outputs without batch dims go to
+  host memory (TPU; pinned host) instead of HBM.
+  """
+  policies = jax.checkpoint_policies
+  if cfg.remat_policy == "offload_dots":
+    return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+  return getattr(policies, cfg.remat_policy)
+
+
+def _remat_layer(layer, *args, policy=None):
   """``_call_layer`` under ``jax.checkpoint`` over the layer's split state.
 
   Not ``nnx.remat``: that writes the layer's state back after the call, which raises
@@ -400,7 +470,7 @@ def _remat_layer(layer, *args):
   def pure(state, *args):
     return _call_layer(nnx.merge(graphdef, state), *args)
 
-  return jax.checkpoint(pure, static_argnums=(len(args),))(state, *args)
+  return jax.checkpoint(pure, static_argnums=(len(args),), policy=policy)(state, *args)
 
 
 def count_params(model_or_state, exclude: tuple[str, ...] = ()) -> int:

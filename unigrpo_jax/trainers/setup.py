@@ -14,7 +14,8 @@ from unigrpo_jax.data.tokenizer import Tokenizer
 from unigrpo_jax.models import ModelConfig, UnifiedModel, get_preset
 
 # Fields a config may change on a loaded checkpoint without changing its shapes.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat")
+# Model settings that are not shapes: they come from the run's config, never from a checkpoint.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "scan_layers")
 
 
 def is_bagel_dir(path: str) -> bool:
@@ -31,8 +32,9 @@ def tokenizer_for(config: ml_collections.ConfigDict):
 
 
 def _bagel_kwargs(config: ml_collections.ConfigDict) -> dict:
+  extra = {k: config.model[k] for k in RUNTIME_FIELDS[3:] if k in config.model}
   return dict(dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
-              remat=config.model.remat, image_size=config.model.get("image_size", 1024))
+              remat=config.model.remat, image_size=config.model.get("image_size", 1024), **extra)
 
 
 def model_and_params(config: ml_collections.ConfigDict, tokenizer: Tokenizer
