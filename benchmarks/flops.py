@@ -78,13 +78,14 @@ def attention_flops(cfg: ModelConfig, lq: int, lk: int) -> float:
 
 
 def forward(cfg: ModelConfig, *, batch: int, text_len: int = 0, cache_len: int = 0,
-            num_blocks: int = 0, logits: bool = True) -> Flops:
+            num_blocks: int = 0, logits: bool = True, logits_len: int | None = None) -> Flops:
   """FLOPs of one ``UnifiedModel.__call__`` over ``[cache S | text Lt | K image blocks]``.
 
   Args:
     batch: rows B. text_len: Lt text tokens per row (0: no text segment). cache_len: S slots of
     the read-only cache. num_blocks: K image blocks of ``cfg.num_image_tokens`` tokens per row.
-    logits: the LM head runs on all Lt positions (``compute_logits``).
+    logits: the LM head runs (``compute_logits``), on ``logits_len`` positions per row
+    (``logits_slice``; default all Lt).
   Returns:
     text: ``B Lt (2 W L)`` + ``B L 4 Lt (S + Lt) H hd``, minus the last layer's dead q/o/MLP and
     text attention when ``logits`` is False; image: ``B K N (2 W L)`` +
@@ -100,7 +101,8 @@ def forward(cfg: ModelConfig, *, batch: int, text_len: int = 0, cache_len: int =
         text_matmul=2.0 * text_tokens * (w * live_layers + kv_w * (layers - live_layers)),
         text_attention=batch * live_layers * attention_flops(cfg, text_len,
                                                              cache_len + text_len),
-        lm_head=2.0 * text_tokens * cfg.hidden * cfg.vocab_size if logits else 0.0)
+        lm_head=(2.0 * batch * (text_len if logits_len is None else logits_len) * cfg.hidden
+                 * cfg.vocab_size if logits else 0.0))
   if num_blocks:
     n, d, dl = cfg.num_image_tokens, cfg.hidden, cfg.latent_dim
     blocks = batch * num_blocks
@@ -130,7 +132,7 @@ def backward(cfg: ModelConfig, fwd: Flops, *, batch: int, text_len: int, num_blo
 # ----------------------------------------------------------------------------- the train step
 def train_step(cfg: ModelConfig, *, rows: int, prompt_len: int, reasoning_len: int,
                window_size: int, ppo_epochs: int, needs_reference: bool, ref_logits: bool,
-               stop_context_grad: bool) -> dict:
+               stop_context_grad: bool, remat: bool = False) -> dict:
   """Model FLOPs of one ``train_step`` call on a rollout of B = ``rows`` trajectories.
 
   The step loops ``ppo_epochs`` x ``num_minibatches``; each iteration takes B / num_minibatches
@@ -143,17 +145,24 @@ def train_step(cfg: ModelConfig, *, rows: int, prompt_len: int, reasoning_len: i
 
   Since every row is seen once per epoch, the step costs
   ``ppo_epochs * [fwd_pol(B) + bwd_pol(B) + fwd_ref(B)]`` whatever the minibatching (gradient
-  accumulation does not change it either). Returns per-part Flops dicts and ``total``.
+  accumulation does not change it either). The LM head runs on the T + 1 reasoning slots
+  only (``logits_slice``). Returns per-part Flops dicts, ``total`` (model FLOPs: what MFU
+  counts) and ``executed`` (what the chips run: with ``remat`` the backward pass first
+  recomputes the policy's layer stack, one more forward of everything but the LM head).
   """
   lt = prompt_len + reasoning_len + 1
   shape = dict(batch=rows, text_len=lt, num_blocks=window_size)
-  fwd = forward(cfg, logits=True, **shape)
+  fwd = forward(cfg, logits=True, logits_len=reasoning_len + 1, **shape)
   bwd = backward(cfg, fwd, stop_context_grad=stop_context_grad, **shape)
-  ref = forward(cfg, logits=ref_logits, **shape) if needs_reference else Flops()
+  ref = forward(cfg, logits=ref_logits, logits_len=reasoning_len + 1,
+                **shape) if needs_reference else Flops()
+  recompute = dataclasses.replace(fwd, lm_head=0.0) if remat else Flops()
   per_epoch = fwd + bwd + ref
   return {"policy_forward": fwd.as_dict(), "policy_backward": bwd.as_dict(),
-          "reference_forward": ref.as_dict(), "per_epoch": per_epoch.total,
-          "ppo_epochs": ppo_epochs, "total": ppo_epochs * per_epoch.total}
+          "reference_forward": ref.as_dict(), "remat_recompute": recompute.as_dict(),
+          "per_epoch": per_epoch.total, "ppo_epochs": ppo_epochs,
+          "total": ppo_epochs * per_epoch.total,
+          "executed": ppo_epochs * (per_epoch + recompute).total}
 
 
 # ----------------------------------------------------------------------------- the rollout
@@ -180,7 +189,7 @@ def rollout(cfg: ModelConfig, *, prompts: int, group_size: int, prompt_len: int,
   """
   b = prompts * group_size
   s = prompt_len + reasoning_len + 1
-  prefill = forward(cfg, batch=prompts, text_len=prompt_len)
+  prefill = forward(cfg, batch=prompts, text_len=prompt_len, logits_len=1)  # last slot only
   decode = Flops()
   for w, count in collections.Counter(
       decode_widths(prompt_len, reasoning_len, decode_steps, s)).items():

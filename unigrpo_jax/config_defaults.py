@@ -23,6 +23,13 @@ def base() -> ml_collections.ConfigDict:
   c.model.remat = False
   c.model.remat_policy = "nothing_saveable"  # with remat: what the backward keeps (ModelConfig)
   c.model.scan_layers = False  # the layer stack as one lax.scan: compile time flat in depth
+  # Image-block attention: auto (splash on TPU, cuDNN on GPU, chunked on CPU) | xla (dense) |
+  # chunked | splash | cudnn; chunked/splash never hold a whole [N, S + N] score matrix.
+  c.model.attention_impl = "auto"
+  c.model.attention_chunk = 512  # query rows per chunk of the chunked path
+  # True (pod configs of real models): training refuses to start without init_checkpoint; the
+  # preset's shapes are then for the AOT planner only.
+  c.model.require_weights = False
   c.model.image_size = 1024  # BAGEL directories only: training resolution (<= 16 * 64 px)
   c.model.vocab_size = 0  # 0: the tokenizer's; larger: the preset's real table (AOT planning)
   c.model.num_layers = 0  # 0: the preset's; fewer: cheaper AOT compiles to extrapolate from

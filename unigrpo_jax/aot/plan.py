@@ -68,25 +68,29 @@ def _analytic(config, model_cfg, ocfg) -> dict:
                            ppo_epochs=config.optim.ppo_epochs,
                            needs_reference=ocfg.needs_reference,
                            ref_logits=ocfg.text_kl_coef > 0,
-                           stop_context_grad=ocfg.stop_context_grad)
+                           stop_context_grad=ocfg.stop_context_grad,
+                           remat=model_cfg.remat)
   decode = flops.decode_bytes(model_cfg, rows=r.prompts_per_batch * r.group_size, prompt_len=p,
                               reasoning_len=r.max_reasoning_len,
                               decode_steps=r.max_reasoning_len)
-  return {"rollout": roll["total"], "train_step": train["total"], "decode_bytes": decode}
+  return {"rollout": roll["total"], "train_step": train["total"], "decode_bytes": decode,
+          "executed": {"rollout": roll["total"], "train_step": train["executed"]}}
 
 
 def _roofline(name, flops_total, cost, topo, config, analytic) -> float:
   """Seconds per call if the chips ran at peak: max(compute, HBM traffic) per chip.
 
-  Compute: model FLOPs / (chips * peak bf16). HBM traffic per chip: the train step's is XLA's
-  ``bytes accessed`` of one loop iteration times ``ppo_epochs * num_minibatches * grad_accum``
-  iterations (nearly all of the step is inside the loop). The rollout's is every model pass
+  Compute: executed FLOPs (model FLOPs plus the remat recompute) / (chips * peak bf16). HBM
+  traffic per chip: the train step's is XLA's ``bytes accessed`` of one loop iteration times
+  ``ppo_epochs * num_minibatches * grad_accum`` iterations (nearly all of the step is inside the
+  loop; XLA counts a loop body once, so with ``scan_layers`` this undercounts the layers'
+  traffic: the train step is compute-bound at these batch sizes either way). The rollout's is every model pass
   reading the gathered weights (FSDP: each chip holds all of a layer's weights while it runs it)
   and each decode pass reading this chip's share of the KV cache (``flops.decode_bytes``), plus
   ``num_steps`` denoising passes over the weights.
   """
   chip = topo.chip
-  compute_s = flops_total / (topo.num_chips * chip.peak_flops)
+  compute_s = analytic["executed"][name] / (topo.num_chips * chip.peak_flops)
   if name == "train_step":
     o = config.optim
     traffic = cost["bytes_accessed"] * o.ppo_epochs * o.num_minibatches * o.grad_accum
@@ -170,7 +174,9 @@ def plan(config: ml_collections.ConfigDict, topology_name: str,
             "params": n_params, "model": {"num_layers": model_cfg.num_layers,
                                           "dtype": model_cfg.dtype,
                                           "param_dtype": model_cfg.param_dtype,
-                                          "remat": model_cfg.remat},
+                                          "remat": model_cfg.remat,
+                                          "remat_policy": model_cfg.remat_policy,
+                                          "scan_layers": model_cfg.scan_layers},
             "batch": {"prompts": bp, "rows": rows, "prompt_len": config.data.max_prompt_len,
                       "reasoning_len": config.rollout.max_reasoning_len,
                       "num_steps": config.rollout.num_steps,
@@ -193,6 +199,7 @@ def plan(config: ml_collections.ConfigDict, topology_name: str,
     mem, cost = memory.memory_stats(compiled), memory.cost_stats(compiled)
     fits = mem["total"] <= topo.chip.hbm_bytes
     entry = {"bytes_per_chip": mem, "flops": analytic[name],
+             "executed_flops": analytic["executed"][name],
              "xla_flops_per_chip": cost["flops"],
              "xla_bytes_accessed_per_chip": cost["bytes_accessed"],
              "roofline_s": _roofline(name, analytic[name], cost, topo, config, analytic),

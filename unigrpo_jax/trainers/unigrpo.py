@@ -241,6 +241,11 @@ def _unflat(flat: dict, like):
 
 def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs UniGRPO; returns the last metrics row written."""
+  if config.model.get("require_weights", False) and not config.init_checkpoint:
+    raise ValueError(f"config.init_checkpoint is empty, and config.model.preset="
+                     f"{config.model.preset!r} is a real model (model.require_weights): set "
+                     "--config.init_checkpoint=/path/to/BAGEL-7B-MoT (training a random "
+                     "7B model is never what a pod run wants; the AOT planner needs no weights)")
   tokenizer = setup.tokenizer_for(config)  # a BAGEL directory brings its tokenizer.json
   # --- inputs first: each of these fails with a message before any compile.
   reward_fn = setup.reward_fn_for(config)  # loads in-process reward models (CLIP) now
