@@ -11,6 +11,8 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+from unigrpo_jax.models.attention import ATTENTION_IMPLS
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -55,6 +57,11 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and RoPE stay float32.
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each layer in the backward pass.
+  # Image-block attention (attention.block_attention): "auto" (resolved for the mesh's platform
+  # by attention.resolve_impl: splash on TPU, cudnn on GPU in bf16/fp16, else chunked), or
+  # "xla" (dense), "chunked", "splash", "cudnn". attention_chunk: queries per chunk (chunked).
+  attention_impl: str = "auto"
+  attention_chunk: int = 512
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
@@ -90,6 +97,11 @@ class ModelConfig:
       if v is not None and not 0 <= v < self.vocab_size:
         raise ValueError(f"ModelConfig.{name}={v} is not a token id of the "
                          f"vocab_size={self.vocab_size} embedding table")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r} is not one of "
+                       f"{', '.join(ATTENTION_IMPLS)}")
+    if self.attention_chunk <= 0:
+      raise ValueError(f"ModelConfig.attention_chunk must be positive, got {self.attention_chunk}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of "
