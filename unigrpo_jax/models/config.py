@@ -13,6 +13,8 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "offload_dots")
+from unigrpo_jax.models.attention import ATTENTION_IMPLS
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -62,6 +64,11 @@ class ModelConfig:
   # Run the layer stack as one lax.scan (compile time flat in depth) instead of a Python loop.
   # Same parameters and results; the decode loop (``cache_slot``) always runs unrolled.
   scan_layers: bool = False
+  # Image-block attention (attention.block_attention): "auto" (resolved for the mesh's platform
+  # by attention.resolve_impl: splash on TPU, cudnn on GPU in bf16/fp16, else chunked), or
+  # "xla" (dense), "chunked", "splash", "cudnn". attention_chunk: queries per chunk (chunked).
+  attention_impl: str = "auto"
+  attention_chunk: int = 512
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
@@ -100,6 +107,11 @@ class ModelConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r} is not one of "
                        f"{list(REMAT_POLICIES)}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r} is not one of "
+                       f"{', '.join(ATTENTION_IMPLS)}")
+    if self.attention_chunk <= 0:
+      raise ValueError(f"ModelConfig.attention_chunk must be positive, got {self.attention_chunk}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of "
