@@ -125,6 +125,7 @@ def test_rollout_rows_are_split_over_chips(libtpu, monkeypatch):
   """The trainer's rollout computes each row on one chip: without the mesh (the old wiring) XLA
   kept every row on every chip and the per-chip peak was several times larger."""
   c = tiny_config(prompts_per_batch=8, group_size=8)
+  c.model.attention_impl = "chunked"  # splash needs the mesh (a shard_map) that this test drops
   peak = lambda: plan.plan(c, "v5e-8", programs=("rollout",), log=lambda m: None)[
       "programs"]["rollout"]["bytes_per_chip"]["total"]
   split = peak()
@@ -142,3 +143,13 @@ def test_compiler_oom_message_is_parsed():
   assert memory.parse_oom(msg) == {"required": int(15.79 * 2**30),
                                    "available": int(15.75 * 2**30)}
   assert memory.parse_oom("INTERNAL: something else") == {"required": None, "available": None}
+
+
+def test_scanned_remat_splash_programs_compile_and_fit(libtpu):
+  """The pod configs' model settings (layer scan, remat, splash attention resolved for the TPU
+  target although this process runs on a CPU) compile for a slice, both programs."""
+  c = tiny_config()
+  c.model.scan_layers, c.model.remat, c.model.dtype = True, True, "bfloat16"
+  r = plan.plan(c, "v5e-8", log=lambda m: None)
+  assert r["model"]["attention_impl"] == "splash" and r["model"]["scan_layers"]
+  assert r["fits"] and set(r["programs"]) == {"rollout", "train_step"}

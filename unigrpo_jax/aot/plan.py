@@ -18,7 +18,7 @@ from flax import nnx
 from unigrpo_jax import checkpointing, config_validation, parallel
 from unigrpo_jax.aot import memory, topology
 from unigrpo_jax.data.tokenizer import Tokenizer
-from unigrpo_jax.models import PatchAutoencoder, UnifiedModel, count_params
+from unigrpo_jax.models import PatchAutoencoder, UnifiedModel, attention, count_params
 from unigrpo_jax.rl.train_step import abstract_train_state
 from unigrpo_jax.trainers import setup, unigrpo
 
@@ -28,11 +28,13 @@ PLANNING_MFU = 0.4  # the README's "seconds per step" assume 40 % of peak
 
 def _model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
   """The model's shapes, as ``setup.model_and_params`` gives them, without reading weights."""
-  if config.init_checkpoint:
+  if config.init_checkpoint and not setup.is_bagel_dir(config.init_checkpoint):
     runtime = {k: config.model[k] for k in setup.RUNTIME_FIELDS if k in config.model}
-    return checkpointing.model_config_from_meta(checkpointing.read_meta(config.init_checkpoint),
-                                                **runtime)
-  return setup.model_and_params(config, tokenizer)[0]
+    cfg = checkpointing.model_config_from_meta(checkpointing.read_meta(config.init_checkpoint),
+                                               **runtime)
+    return cfg.replace(attention_impl=attention.resolve_impl(cfg.attention_impl, "tpu",
+                                                             cfg.compute_dtype))
+  return setup.model_and_params(config, tokenizer, platform="tpu")[0]  # TPU attention kernels
 
 
 def _autoencoder(model_cfg):
@@ -176,7 +178,8 @@ def plan(config: ml_collections.ConfigDict, topology_name: str,
                                           "param_dtype": model_cfg.param_dtype,
                                           "remat": model_cfg.remat,
                                           "remat_policy": model_cfg.remat_policy,
-                                          "scan_layers": model_cfg.scan_layers},
+                                          "scan_layers": model_cfg.scan_layers,
+                                          "attention_impl": model_cfg.attention_impl},
             "batch": {"prompts": bp, "rows": rows, "prompt_len": config.data.max_prompt_len,
                       "reasoning_len": config.rollout.max_reasoning_len,
                       "num_steps": config.rollout.num_steps,

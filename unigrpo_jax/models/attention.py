@@ -20,6 +20,8 @@ transposing (copying) it. ``heads_first`` converts freshly projected ``[B, L, Hk
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -63,6 +65,33 @@ def text_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) ->
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, hkv, h // hkv * lq, -1)
   out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).reshape(b, hkv, h // hkv, lq, d)
   return jnp.moveaxis(out, 3, 1).reshape(b, lq, h, d)
+
+
+# The mesh of the program being traced (``traced_on``): Pallas kernels must be shard_mapped
+# over it, and the model's call sites do not carry a mesh.
+_TRACE_MESH: contextvars.ContextVar = contextvars.ContextVar("attention_trace_mesh",
+                                                             default=None)
+
+
+def traced_on(fn, mesh):
+  """``fn`` whose tracing sees ``mesh`` as the mesh of its attention kernels.
+
+  Wrap a program's function before ``jax.jit`` (``jax.jit(traced_on(fn, mesh), ...)``): every
+  ``block_attention(impl="splash")`` traced inside then runs its kernel in a shard_map over
+  ``mesh`` (rows over the batch axes). Without a mesh (None) it changes nothing.
+  """
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    token = _TRACE_MESH.set(mesh)
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      _TRACE_MESH.reset(token)
+
+  return wrapped
 
 
 # Implementations of ``block_attention``; "auto" is resolved by ``resolve_impl`` for the target.
@@ -133,6 +162,7 @@ def block_attention(q: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_valid:
   if impl == "chunked":
     return _block_attention_chunked(q, ctx_k, ctx_v, ctx_valid, blk_k, blk_v, chunk)
   if impl == "splash":
+    mesh = mesh if mesh is not None else _TRACE_MESH.get()
     fn = functools.partial(_block_attention_splash, blocks=splash_blocks or splash_block_sizes(),
                            interpret=interpret)
     if mesh is not None and mesh.size > 1:
@@ -151,6 +181,8 @@ def _block_attention_chunked(q, ctx_k, ctx_v, ctx_valid, blk_k, blk_v, chunk: in
   b, nb, n, h, d = q.shape
   chunk = min(chunk, n)
   num = -(-n // chunk)
+  if num == 1:  # one chunk: the dense code as is (small blocks, e.g. the toy world's 64 tokens)
+    return _block_attention_xla(q, ctx_k, ctx_v, ctx_valid, blk_k, blk_v)
   # Pad N to whole chunks: the padded queries' outputs are dropped, so their cotangent is zero
   # and they add nothing to the key/value gradients.
   qp = jnp.pad(q, ((0, 0), (0, 0), (0, num * chunk - n), (0, 0), (0, 0)))

@@ -11,10 +11,10 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "offload_dots")
 from unigrpo_jax.models.attention import ATTENTION_IMPLS
 
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "offload_dots")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

@@ -219,7 +219,9 @@ class MoTLayer(nnx.Module):
         if stop_context_grad:  # the markers are text-policy (und) tokens: same rule
           mk, mv = jax.lax.stop_gradient(mk), jax.lax.stop_gradient(mv)
         iq, ik, iv = (jnp.concatenate(pair, axis=2) for pair in ((iq, mq), (ik, mk), (iv, mv)))
-      out = attention.block_attention(iq, keys, values, jnp.concatenate(ctx_valid, 1), ik, iv)
+      cfg = self.und.cfg
+      out = attention.block_attention(iq, keys, values, jnp.concatenate(ctx_valid, 1), ik, iv,
+                                      impl=block_attention_impl(cfg), chunk=cfg.attention_chunk)
       if marker_x is not None:
         marker_out = out[:, :, n:].reshape(b, nb * m, *out.shape[3:])
         marker_x = self.und.finish(mflat, marker_out).reshape(b, nb, m, d)
@@ -440,6 +442,13 @@ def _scan_layers(layers, cfg: ModelConfig, carry, inputs, cache: Optional[KVCach
   (text_x, image_x, marker_x), (text_k, text_v) = jax.lax.scan(body, carry,
                                                                (stacked, prefix_kv))
   return text_x, image_x, marker_x, text_k, text_v
+
+
+def block_attention_impl(cfg: ModelConfig) -> str:
+  """``cfg.attention_impl``; "auto" (a model built outside the trainer, e.g. in tests) resolves
+  for the backend running it. The trainer and the AOT planner resolve "auto" for their mesh's
+  platform first (``setup.model_and_params``)."""
+  return attention.resolve_impl(cfg.attention_impl, jax.default_backend(), cfg.compute_dtype)
 
 
 def remat_policy(cfg: ModelConfig):

@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from unigrpo_jax import parallel
+from unigrpo_jax.models import attention
 from unigrpo_jax.rl import losses
 from unigrpo_jax.rl.optim import GEN, UND, make_optimizer, side_norms
 from unigrpo_jax.sampling import distribution, flow
@@ -522,7 +523,7 @@ def make_train_step(graphdef: nnx.GraphDef, abstract_params: nnx.State,
 
   # Without a regulariser / text KL the reference is never read and may be passed as None.
   ref_sh = shardings.params if objective_cfg.needs_reference else None
-  return jax.jit(train_step,
+  return jax.jit(attention.traced_on(train_step, mesh),
                  in_shardings=(shardings, ref_sh, batch_sh, batch_sh, repl),
                  out_shardings=(shardings, repl),
                  donate_argnums=(0,) if donate else (), compiler_options=compiler_options)

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unigrpo_jax import parallel
+from unigrpo_jax.models import attention
 from unigrpo_jax.models.image import Autoencoder
 from unigrpo_jax.models.unified import KVCache, UnifiedModel
 from unigrpo_jax.sampling import flow
@@ -244,7 +245,8 @@ def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoen
 
   out_sh = None if mesh is None else parallel.batch_sharding(mesh)
   return _bind_autoencoder_weights(
-      jax.jit(rollout, out_shardings=out_sh, compiler_options=compiler_options), autoencoder)
+      jax.jit(attention.traced_on(rollout, mesh), out_shardings=out_sh,
+              compiler_options=compiler_options), autoencoder)
 
 
 @flax.struct.dataclass

@@ -11,11 +11,12 @@ from flax import nnx
 
 from unigrpo_jax import checkpointing, parallel
 from unigrpo_jax.data.tokenizer import Tokenizer
-from unigrpo_jax.models import ModelConfig, UnifiedModel, get_preset
+from unigrpo_jax.models import ModelConfig, UnifiedModel, attention, get_preset
 
 # Fields a config may change on a loaded checkpoint without changing its shapes.
 # Model settings that are not shapes: they come from the run's config, never from a checkpoint.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "scan_layers")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "scan_layers",
+                  "attention_impl", "attention_chunk")
 
 
 def is_bagel_dir(path: str) -> bool:
@@ -37,14 +38,24 @@ def _bagel_kwargs(config: ml_collections.ConfigDict) -> dict:
               remat=config.model.remat, image_size=config.model.get("image_size", 1024), **extra)
 
 
-def model_and_params(config: ml_collections.ConfigDict, tokenizer: Tokenizer
-                     ) -> tuple[ModelConfig, Optional[nnx.State]]:
+def model_and_params(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                     platform: Optional[str] = None) -> tuple[ModelConfig, Optional[nnx.State]]:
   """-> (model config, params or None for a fresh init).
+
+  ``platform``: where the programs will run ("tpu", "gpu", "cpu"; default this process's
+  devices): ``model.attention_impl="auto"`` is resolved for it (``attention.resolve_impl``).
 
   With ``config.init_checkpoint`` the shapes come from the checkpoint (the preset is ignored)
   and its tokenizer must equal ours; otherwise from ``config.model.preset``. A BAGEL directory
   is only validated here (config, file headers: cheap); ``build_params`` loads it sharded.
   """
+  model_cfg, params = _model_and_params(config, tokenizer)
+  platform = platform or jax.devices()[0].platform
+  impl = attention.resolve_impl(model_cfg.attention_impl, platform, model_cfg.compute_dtype)
+  return model_cfg.replace(attention_impl=impl), params
+
+
+def _model_and_params(config, tokenizer):
   runtime = {k: config.model[k] for k in RUNTIME_FIELDS if k in config.model}
   if is_bagel_dir(config.init_checkpoint):
     from unigrpo_jax.models.pretrained import bagel_config
