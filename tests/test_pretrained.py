@@ -232,3 +232,24 @@ def test_save_bagel_refuses_non_bagel_models(tmp_path):
   with pytest.raises(ValueError, match="ModelConfig.mot=False"):
     save_bagel(model, str(tmp_path / "x"))
   assert not os.path.exists(tmp_path / "x")
+
+
+def test_scan_layout_loads_stacked_and_exports_per_layer(bagel, tmp_path):
+  """``scan_layers=True`` (the pod configs): BAGEL's per-layer tensors load into the stacked
+  layout on a mesh, the forward is unchanged, and the export writes BAGEL's keys bit for bit."""
+  mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+  scanned = load_bagel(BAGEL, image_size=48, mesh=mesh, scan_layers=True, **MARKERS)
+  assert scanned.cfg == bagel.cfg.replace(scan_layers=True)
+  q = nnx.state(scanned)["layers"]["gen"]["q"].get_value()
+  per_layer = nnx.state(bagel)["layers"][0]["gen"]["q"].get_value()
+  assert q.shape == (bagel.cfg.num_layers,) + per_layer.shape
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  b, p = 2, 6
+  tokens = jnp.arange(b * p, dtype=jnp.int32).reshape(b, p) % 90
+  positions = jnp.broadcast_to(jnp.arange(p), (b, p))
+  np.testing.assert_allclose(scanned(tokens, positions).logits, bagel(tokens, positions).logits,
+                             rtol=1e-5, atol=1e-5)
+  save_bagel(scanned, str(tmp_path), dtype="float32")
+  original = _tensors(os.path.join(BAGEL, "ema.safetensors"))
+  for k, v in _tensors(str(tmp_path / "ema.safetensors")).items():
+    np.testing.assert_array_equal(v, original[k], err_msg=k)

@@ -38,7 +38,10 @@ def resolve_path(path: str) -> str:
 
 def save_model(path: str, params: nnx.State, model_cfg: ModelConfig, tokenizer_json: str,
                extra: Optional[dict] = None) -> None:
-  """Writes ``path/meta.json`` and ``path/params.msgpack`` (float32 values)."""
+  """Writes ``path/meta.json`` and ``path/params.msgpack`` (float32 values, per-layer layout
+  whatever ``model_cfg.scan_layers``: see ``models/layer_layout.py``)."""
+  from unigrpo_jax.models import layer_layout
+  params = layer_layout.convert_state(params, model_cfg, scan_layers=False)
   os.makedirs(path, exist_ok=True)
   pure = jax.tree.map(lambda a: np.asarray(a, np.float32), params.to_pure_dict())
   with open(os.path.join(path, "params.msgpack.tmp"), "wb") as f:

@@ -38,14 +38,19 @@ def _model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
 
 
 def _autoencoder(model_cfg):
-  """-> (autoencoder, note). Pixel-latent models get the trainer's PatchAutoencoder. VAE-latent
-  models (BAGEL: FLUX latents) get patches of the latent grid instead: the FLUX VAE decoder is
-  not implemented, so its cost and memory are NOT in the rollout's figures."""
+  """-> (autoencoder, note). Pixel-latent models get the trainer's PatchAutoencoder. FLUX-latent
+  models (BAGEL) get an abstract FLUX VAE (FLUX-dev shape, float32 weights as ``load_flux_vae``
+  gives them, no values), so the rollout's figures include decoding every row's image."""
   if model_cfg.vae_downsample == 1:
     return PatchAutoencoder.for_model(model_cfg), "pixel patches (as the trainer)"
-  side = model_cfg.latent_grid * model_cfg.patch_size
-  return (PatchAutoencoder(side, model_cfg.patch_size, model_cfg.image_channels),
-          "latent patches: the VAE decoder is not implemented and not counted")
+  from unigrpo_jax.models.flux_vae import FluxAutoencoder, FluxVAE, FluxVAEConfig
+  vae_cfg = FluxVAEConfig(z_channels=model_cfg.image_channels)
+  if vae_cfg.downsample != model_cfg.vae_downsample:
+    raise ValueError(f"the model's latents are {model_cfg.vae_downsample}x down; the FLUX VAE "
+                     f"is {vae_cfg.downsample}x")
+  vae = nnx.eval_shape(lambda: FluxVAE(vae_cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+  return (FluxAutoencoder(vae, image_size=model_cfg.image_size),
+          "FLUX VAE decoder (FLUX-dev shape, float32 weights), as a BAGEL directory's")
 
 
 def _with_sharding(tree, shardings):

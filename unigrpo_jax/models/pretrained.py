@@ -42,6 +42,7 @@ from unigrpo_jax.models.image import LatentIO
 from unigrpo_jax.models.latent_patches import patchify, unpatchify  # re-exported
 from unigrpo_jax.models.safetensors_io import (CheckpointFormatError, TensorIndex, numpy_dtype,
                                                write_streaming)
+from unigrpo_jax.models import layer_layout
 from unigrpo_jax.models.unified import UnifiedModel
 
 __all__ = ["CheckpointFormatError", "load_qwen2", "load_bagel", "save_bagel", "load_flux_vae",
@@ -440,6 +441,7 @@ def load_qwen2(path: str, *, dtype: str = "float32", mesh=None, mot: bool = Fals
   except ValueError as e:
     raise CheckpointFormatError(f"{conf_path}: {e}") from None
   index = TensorIndex.from_path(path, "model.safetensors", "model.safetensors.index.json")
+  run_cfg, cfg = cfg, layer_layout.per_layer(cfg)  # read per layer, stack after (scan_layers)
   rows = qwen2_key_map(cfg, gen_from_und=True)
   abstract = _flat_abstract(nnx.state(nnx.eval_shape(lambda: UnifiedModel(cfg, nnx.Rngs(0)))))
   note = f"{conf_path} ({_config_note(cfg)})"
@@ -449,7 +451,8 @@ def load_qwen2(path: str, *, dtype: str = "float32", mesh=None, mot: bool = Fals
   _report_unused(path, unused)
   latent = nnx.state(LatentIO(cfg, nnx.Rngs(seed)))
   fill = {f"latent_io.{k}": _value(v) for k, v in _flat_abstract(latent).items()}
-  return _materialise(cfg, index, rows, path, mesh, fill, rules)
+  model = _materialise(cfg, index, rows, path, mesh, fill, rules)
+  return layer_layout.convert_model(model, run_cfg.scan_layers, mesh=mesh, rules=rules)
 
 
 def _config_note(cfg: ModelConfig) -> str:
@@ -513,13 +516,15 @@ def load_bagel(path: str, *, dtype: str = "float32", image_size: int = 1024,
   cfg = bagel_config(path, dtype=dtype, image_size=image_size, vision_start_id=vision_start_id,
                      vision_end_id=vision_end_id, index=index, compute_dtype=compute_dtype,
                      remat=remat, **runtime)
+  run_cfg, cfg = cfg, layer_layout.per_layer(cfg)  # read per layer, stack after (scan_layers)
   rows = bagel_key_map(cfg)
   abstract = _flat_abstract(nnx.state(nnx.eval_shape(lambda: UnifiedModel(cfg, nnx.Rngs(0)))))
   note = f"{os.path.join(path, 'llm_config.json')} ({_config_note(cfg)})"
   unused = _check_tensors(index, rows, abstract, os.path.join(path, "ema.safetensors"), note)
   _report_unused(os.path.join(path, "ema.safetensors"), unused, _BAGEL_SKIPPED)
-  return _materialise(cfg, index, rows, os.path.join(path, "ema.safetensors"), mesh,
-                      rules=rules)
+  model = _materialise(cfg, index, rows, os.path.join(path, "ema.safetensors"), mesh,
+                       rules=rules)
+  return layer_layout.convert_model(model, run_cfg.scan_layers, mesh=mesh, rules=rules)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,7 +576,11 @@ def save_bagel(model: UnifiedModel, path: str, *, dtype: str = "bfloat16",
   cfg = model.cfg
   _check_bagel_format(cfg)
   target = numpy_dtype(dtype)
-  flat = _flat_abstract(state if state is not None else nnx.state(model))
+  # BAGEL's keys are per layer: a stacked (scan_layers) state is split back first.
+  source_state = state if state is not None else nnx.state(model)
+  flat = _flat_abstract(layer_layout.convert_state(
+      source_state, cfg, False, var_filter=nnx.Param if state is not None else ...))
+  cfg = layer_layout.per_layer(cfg)
   specs = []
   for our, key, kind in bagel_key_map(cfg):
     leaf = _value(flat[our])

@@ -254,7 +254,10 @@ class UnifiedModel(nnx.Module):
     pd = cfg.weight_dtype
     self.embed = annotated_param(rngs, fan_in_init(0), (cfg.vocab_size, cfg.hidden),
                                  ("vocab", "embed"), pd)
-    self.layers = nnx.List([MoTLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+    layers = [MoTLayer(cfg, rngs) for _ in range(cfg.num_layers)]
+    # scan_layers: one MoTLayer whose params carry a leading [num_layers] axis (logical name
+    # "layers"), built from the same per-layer inits, so both layouts hold the same values.
+    self.layers = stack_layers(layers) if cfg.scan_layers else nnx.List(layers)
     self.und_norm = RMSNorm(cfg.hidden, cfg.rms_eps, pd, rngs)
     self.gen_norm = RMSNorm(cfg.hidden, cfg.rms_eps, pd, rngs) if cfg.mot else None
     self.lm_head = None if cfg.tie_embeddings else annotated_param(
@@ -359,7 +362,7 @@ class UnifiedModel(nnx.Module):
     mask = attention.cached_text_mask(valid, slot, tokens.shape[1])
     x = self.embed_text(tokens)
     k, v = list(cache.k), list(cache.v)
-    for i, layer in enumerate(self.layers):
+    for i, layer in enumerate(layer_list(self.layers, self.cfg)):
       x, k[i], v[i] = layer.text_into_cache(x, positions, mask, k[i], v[i], slot)
     logits = self.text_logits(x) if compute_logits else None
     return ModelOutput(logits, None, None, None, KVCache(tuple(k), tuple(v), valid))
@@ -414,15 +417,13 @@ def _scan_layers(layers, cfg: ModelConfig, carry, inputs, cache: Optional[KVCach
 
   The compiler sees one layer body whatever the depth, so compile time stays flat in the number
   of layers (28 layers compile like one), and with ``remat`` only the [B, L, D] carry of each
-  layer is saved for the backward pass. The parameters stay one tree per layer (the layout of
-  checkpoints, loaders and optimizer labels); they are stacked into [num_layers, ...] arrays
-  here, which costs one extra copy of this device's shard of the layer weights per call. A
-  read-only cache is stacked likewise (its per-layer buffers exist for the decode loop, which
-  never scans: see ``_text_into_cache``).
+  layer is saved for the backward pass. ``layers`` is the stacked MoTLayer (``stack_layers``):
+  its params are [num_layers, ...] arrays, sliced per iteration by the scan (so the optimizer
+  and the gradient clipping also see one array per weight, not one per layer). A read-only
+  cache is stacked here (a copy of a few MB: its per-layer buffers exist for the decode loop,
+  which never scans, see ``_text_into_cache``).
   """
-  graphdef, first = nnx.split(layers[0])
-  states = [first] + [nnx.split(layer)[1] for layer in layers[1:]]
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  graphdef, stacked = nnx.split(layers)
   positions, text_mask, text_valid, image_position = inputs
   if cache is None:
     prefix_kv, prefix_valid = (None, None), None
@@ -442,6 +443,31 @@ def _scan_layers(layers, cfg: ModelConfig, carry, inputs, cache: Optional[KVCach
   (text_x, image_x, marker_x), (text_k, text_v) = jax.lax.scan(body, carry,
                                                                (stacked, prefix_kv))
   return text_x, image_x, marker_x, text_k, text_v
+
+
+def stack_layers(layers: list) -> MoTLayer:
+  """Identical MoTLayers -> one MoTLayer whose params are stacked along a new leading axis.
+
+  Each param's logical sharding names get "layers" in front (unsharded by every rule set: a
+  layer's weights are sharded inside the layer, e.g. FSDP over "embed").
+  """
+  graphdef, first = nnx.split(layers[0])
+  states = [first] + [nnx.split(layer)[1] for layer in layers[1:]]
+  stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+  for _, var in nnx.iter_graph(stacked):
+    if isinstance(var, nnx.Variable) and var.get_metadata().get("out_sharding") is not None:
+      var.set_metadata(out_sharding=("layers",) + tuple(var.get_metadata()["out_sharding"]))
+  return stacked
+
+
+def layer_list(layers, cfg: ModelConfig) -> list:
+  """The layers one by one: the list itself, or views of the stacked layer's slices (static
+  indices: the decode loop runs unrolled over per-layer cache buffers in both layouts)."""
+  if not cfg.scan_layers:
+    return list(layers)
+  graphdef, stacked = nnx.split(layers)
+  return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
+          for i in range(cfg.num_layers)]
 
 
 def block_attention_impl(cfg: ModelConfig) -> str:

@@ -5,8 +5,8 @@ Every parameter of the unified model is labelled ``"und"`` (understanding / text
 
 =========================================  =======
 ``embed``, ``lm_head``, ``und_norm``        und
-``layers.<i>.und.*``                        und
-``layers.<i>.gen.*``, ``gen_norm``          gen
+``layers.<i>.und.*``                        und  (``layers.und.*`` when stacked)
+``layers.<i>.gen.*``, ``gen_norm``          gen  (``layers.gen.*`` when stacked)
 ``latent_io.*`` (vae2llm, time MLP, ...)    gen
 =========================================  =======
 
@@ -48,6 +48,8 @@ def label_for_path(path) -> str:
     return GEN
   if top == "layers" and len(names) > 2 and names[2] in (UND, GEN):
     return names[2]
+  if top == "layers" and len(names) > 1 and names[1] in (UND, GEN):  # stacked (scan_layers)
+    return names[1]
   raise ValueError(f"no optimizer side for parameter {'.'.join(names)}; extend "
                    "unigrpo_jax/rl/optim.py:label_for_path")
 

@@ -11,7 +11,7 @@ from flax import nnx
 
 from unigrpo_jax import checkpointing, parallel
 from unigrpo_jax.data.tokenizer import Tokenizer
-from unigrpo_jax.models import ModelConfig, UnifiedModel, attention, get_preset
+from unigrpo_jax.models import ModelConfig, UnifiedModel, attention, get_preset, layer_layout
 
 # Fields a config may change on a loaded checkpoint without changing its shapes.
 # Model settings that are not shapes: they come from the run's config, never from a checkpoint.
@@ -69,8 +69,11 @@ def _model_and_params(config, tokenizer):
           f"checkpoint {config.init_checkpoint!r} was trained with another tokenizer "
           f"(vocab {ckpt_tok.vocab_size} vs {tokenizer.vocab_size})")
     model_cfg = checkpointing.model_config_from_meta(meta, **runtime)
-    abstract = nnx.state(nnx.eval_shape(lambda: UnifiedModel(model_cfg, nnx.Rngs(0))), nnx.Param)
-    return model_cfg, checkpointing.load_params(config.init_checkpoint, abstract)
+    # On disk the layers are per-layer arrays; a scan_layers run stacks them after reading.
+    disk_cfg = layer_layout.per_layer(model_cfg)
+    abstract = nnx.state(nnx.eval_shape(lambda: UnifiedModel(disk_cfg, nnx.Rngs(0))), nnx.Param)
+    params = checkpointing.load_params(config.init_checkpoint, abstract)
+    return model_cfg, layer_layout.load_layout(params, model_cfg)
   # A fresh model gets exactly the tokenizer's vocabulary: no id can be sampled that no word has.
   # A larger model.vocab_size keeps a real model's table (its shapes, for planning with aot).
   vocab = config.model.get("vocab_size", 0) or tokenizer.vocab_size
