@@ -34,6 +34,7 @@ def get_config():
   c.rollout.window_range = (0, 5)  # [paper]
   c.rollout.window_size = 3  # [paper]
   c.rollout.cfg_scale = 1.0  # [paper] no CFG in training
+  c.rollout.decode_rows = 1  # FLUX VAE at 1024 px: one image per device at a time (memory)
   c.objective.flow_weight = 1.0  # [paper] lambda
   c.objective.text_kl_coef = 0.0  # [paper]
   c.objective.flow_clip = 1e-6  # [paper] e_img

@@ -19,7 +19,10 @@ CMD="${1:-}"; shift || true
 ACCELERATOR="${ACCELERATOR:-v5litepod-16}"
 VERSION="${VERSION:-v2-alpha-tpuv5-lite}"
 MODE="${MODE:-ondemand}"          # ondemand | spot | queued
-CONFIG="${CONFIG:-configs/tpu_v5.py}"
+# Default: the ShapeWorld pod smoke test (no weights). BAGEL-7B-MoT: CONFIG=configs/tpu_v5.py
+# ACCELERATOR=v5p-128 VERSION=v2-alpha-tpuv5, and `run --config.init_checkpoint=DIR` with the
+# BAGEL directory present at DIR on every worker (see launch/README.md).
+CONFIG="${CONFIG:-configs/tpu_v5_shapes.py}"
 JAX_VERSION="${JAX_VERSION:-0.10.2}"  # the version the project is tested with
 
 ssh_all() { gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$1"; }

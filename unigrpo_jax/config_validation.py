@@ -43,6 +43,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(r.cfg_scale == 1.0, "rollout.cfg_scale",
            f"{r.cfg_scale!r}: training rollouts sample without classifier-free guidance (the "
            "paper's setting; nothing reads this key); use eval.cfg_scale for evaluation")
+  _require(isinstance(r.get("decode_rows", 0), int) and r.get("decode_rows", 0) >= 0,
+           "rollout.decode_rows", f"must be an int >= 0 (0: all at once), got "
+           f"{r.get('decode_rows')!r}")
   _require(isinstance(r.window_per_group, bool), "rollout.window_per_group",
            f"must be True or False, got {r.window_per_group!r}")
   o = c.optim

@@ -55,6 +55,9 @@ class RolloutConfig:
   window_size: int = 3
   window_per_group: bool = False  # [ours] share one window start across a group's rows
   sde_type: str = "sde"
+  # Images decoded per device at a time (0: all rows at once). A FLUX VAE decoding 12 rows of
+  # 1024 px per chip at once needs ~36 GB of activations; one row per step needs ~1/12 of that.
+  decode_rows: int = 0
 
   def __post_init__(self):
     def bad(name, why):
@@ -88,6 +91,8 @@ class RolloutConfig:
       bad("window_range", f"must be ints with 0 <= lo and hi <= num_steps={self.num_steps}")
     if hi - lo < self.window_size:
       bad("window_size", f"does not fit in window_range={self.window_range}")
+    if not isinstance(self.decode_rows, int) or self.decode_rows < 0:
+      bad("decode_rows", "must be an int >= 0 (0: decode all rows at once)")
     if self.sde_type == "cps" and hi == self.num_steps:
       # CPS has std 0 at t_next = 0: a window over the last step would have an undefined logp.
       bad("window_range", "with sde_type='cps' the window must not include the last step")
@@ -154,6 +159,32 @@ def _decode(autoencoder: Autoencoder, latents: jax.Array, ae_state) -> jax.Array
   if ae_state is None:
     return autoencoder.decode(latents)
   return autoencoder.decode(latents, state=ae_state)
+
+
+def decode_in_steps(autoencoder: Autoencoder, latents: jax.Array, ae_state, rows: int,
+                    mesh: Optional[Mesh]) -> jax.Array:
+  """``_decode`` of latents [B, N, Dl] with at most ``rows`` images per device at a time.
+
+  The B rows are split as the mesh splits them (``groups`` = the mesh's batch parallelism, each
+  device holding B / groups contiguous rows); step s of a ``lax.map`` decodes rows
+  ``s * rows .. (s + 1) * rows`` of every device's block, so each device only ever holds
+  ``rows`` images' activations and no row moves between devices. ``rows`` 0, or one that does
+  not divide the block, decodes everything at once. Returns images [B, H, W, C].
+  """
+  b = latents.shape[0]
+  groups = parallel.batch_parallelism(mesh) if mesh is not None else 1
+  if rows <= 0 or b % groups or (b // groups) % rows or b // groups == rows:
+    return _decode(autoencoder, latents, ae_state)
+  steps = b // groups // rows
+  x = jnp.swapaxes(latents.reshape(groups, steps, rows, *latents.shape[1:]), 0, 1)
+
+  def one(chunk):  # [groups, rows, N, Dl] -> [groups * rows, H, W, C]
+    flat = shard_rows(chunk.reshape(groups * rows, *chunk.shape[2:]), mesh)
+    return shard_rows(_decode(autoencoder, flat, ae_state), mesh)
+
+  images = jax.lax.map(one, x)  # [steps, groups * rows, H, W, C]
+  images = images.reshape(steps, groups, rows, *images.shape[2:])
+  return jnp.swapaxes(images, 0, 1).reshape(b, *images.shape[3:])
 
 
 class _BoundLowered:
@@ -236,7 +267,8 @@ def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoen
                           sde_window=(starts, cfg.window_size), sde_type=cfg.sde_type)
     window = WindowRecord(x_t=fs.x_t, x_next=fs.x_next, mean=fs.mean, std=fs.std, t=fs.t,
                           t_next=fs.t_next, logp=fs.logp, step_index=fs.step_index)
-    images = jnp.clip(_decode(autoencoder, fs.x0, ae_state), -1.0, 1.0)
+    images = jnp.clip(decode_in_steps(autoencoder, fs.x0, ae_state, cfg.decode_rows, mesh),
+                      -1.0, 1.0)
     return Trajectory(
         prompt_tokens=_repeat_rows(prompt_tokens.astype(jnp.int32), cfg.group_size),
         prompt_mask=_repeat_rows(prompt_mask.astype(bool), cfg.group_size),
@@ -262,14 +294,15 @@ class EvalSample:
 def make_eval_sampler(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoencoder, *,
                       num_steps: int = 50, shift: float | None = None, cfg_scale: float = 1.0,
                       greedy_text: bool = False, samples_per_prompt: int = 1,
-                      compiler_options: dict | None = None):
+                      compiler_options: dict | None = None, mesh: Optional[Mesh] = None):
   """Evaluation sampler (never used in training): deterministic Euler ODE, optional CFG.
 
   CFG: ``v = v_u + cfg_scale * (v_c - v_u)``; the unconditional context is the ``<vision_start>``
   token alone (position 0, image at position 1), i.e. neither prompt nor reasoning, like a
   text-dropped condition (BAGEL-format models: no context at all, the block at position 0).
   ``cfg_scale == 1`` skips the unconditional pass. Text knobs come from
-  ``cfg`` (``greedy_text`` switches to argmax).
+  ``cfg`` (``greedy_text`` switches to argmax). mesh: the model's mesh, for TPU attention
+  kernels (``attention.traced_on``) and the VAE decode's per-device steps.
 
   Returns ``fn(state, prompt_tokens [Bp, P], prompt_mask [Bp, P], key) -> EvalSample`` of
   Bp * samples_per_prompt rows (each prompt's rows contiguous). compiler_options: as
@@ -305,8 +338,9 @@ def make_eval_sampler(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: A
 
     noise = jax.random.normal(k_noise, (b, mcfg.num_image_tokens, mcfg.latent_dim), jnp.float32)
     fs = flow.sample_flow(velocity_fn, noise, grid, k_flow, noise_level=0.0, sde_window=(0, 0))
-    images = jnp.clip(_decode(autoencoder, fs.x0, ae_state), -1.0, 1.0)
+    images = jnp.clip(decode_in_steps(autoencoder, fs.x0, ae_state, cfg.decode_rows, mesh),
+                      -1.0, 1.0)
     return EvalSample(txt.tokens, txt.mask, fs.x0, images)
 
-  return _bind_autoencoder_weights(jax.jit(sample, compiler_options=compiler_options),
-                                   autoencoder)
+  return _bind_autoencoder_weights(
+      jax.jit(attention.traced_on(sample, mesh), compiler_options=compiler_options), autoencoder)

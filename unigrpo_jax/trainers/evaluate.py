@@ -52,12 +52,13 @@ class Evaluator:
   metadata; see ``free_text_metrics`` for what is reported per category."""
 
   def __init__(self, graphdef, rollout_cfg, autoencoder, tokenizer: Tokenizer,
-               config: ml_collections.ConfigDict, records: Sequence[dict], reward_fn=None):
+               config: ml_collections.ConfigDict, records: Sequence[dict], reward_fn=None,
+               mesh=None):
     ev = config.eval
     self.tokenizer, self.records, self.batch = tokenizer, list(records), ev.batch_size
     self.grid_count = ev.grid_rows * 8
     self.sampler = make_eval_sampler(graphdef, rollout_cfg, autoencoder, num_steps=ev.num_steps,
-                                     cfg_scale=ev.cfg_scale, greedy_text=ev.greedy)
+                                     cfg_scale=ev.cfg_scale, greedy_text=ev.greedy, mesh=mesh)
     self.tokens, self.mask = encode_prompts(tokenizer, [r["prompt"] for r in self.records],
                                             config.data.max_prompt_len)
     self.specs = [sw.Spec.from_json(r["spec"]) if r["spec"] else None for r in self.records]
@@ -136,7 +137,7 @@ def free_text_metrics(records: Sequence[dict], reward_out: dict) -> tuple[dict, 
 
 def build_evaluator(config, graphdef, model_cfg, tokenizer: Tokenizer,
                     records: Sequence[dict] | None = None, *, autoencoder=None,
-                    reward_fn=None) -> Evaluator:
+                    reward_fn=None, mesh=None) -> Evaluator:
   """records: the evaluation records (``eval_records(config)`` when None); autoencoder:
   ``setup.autoencoder_for`` when None; reward_fn: scores free-text prompts (``config.rewards``
   when None and some prompt has no spec)."""
@@ -147,7 +148,7 @@ def build_evaluator(config, graphdef, model_cfg, tokenizer: Tokenizer,
   if reward_fn is None and any(not r["spec"] for r in records):
     reward_fn = setup.reward_fn_for(config)
   return Evaluator(graphdef, rollout_config(config, tokenizer), autoencoder, tokenizer, config,
-                   records, reward_fn)
+                   records, reward_fn, mesh)
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str, save_only_samples: bool = False):
@@ -155,13 +156,15 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, save_only_samples:
   tokenizer = setup.tokenizer_for(config)  # a BAGEL directory brings its tokenizer.json
   model_cfg, params = setup.model_and_params(config, tokenizer)
   autoencoder = setup.autoencoder_for(config, model_cfg)  # before loading: errors first
+  mesh = None
   if setup.is_bagel_dir(config.init_checkpoint):
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     graphdef, params = setup.build_params(config, model_cfg, None, mesh)
   else:
     graphdef, fresh = nnx.split(UnifiedModel(model_cfg, nnx.Rngs(config.seed)), nnx.Param)
     params = fresh if params is None else params
-  evaluator = build_evaluator(config, graphdef, model_cfg, tokenizer, autoencoder=autoencoder)
+  evaluator = build_evaluator(config, graphdef, model_cfg, tokenizer, autoencoder=autoencoder,
+                              mesh=mesh)
   metrics, picture = evaluator(params, jax.random.key(config.seed))
   path = os.path.join(workdir, "samples_eval.png")
   if distributed.is_main():

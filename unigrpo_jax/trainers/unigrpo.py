@@ -62,7 +62,8 @@ def rollout_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> R
                        **text_distribution(config, tokenizer), num_steps=r.num_steps,
                        shift=r.shift, noise_level=r.noise_level,
                        window_range=tuple(r.window_range), window_size=r.window_size,
-                       window_per_group=r.window_per_group, sde_type=r.sde_type)
+                       window_per_group=r.window_per_group, sde_type=r.sde_type,
+                       decode_rows=r.get("decode_rows", 0))
 
 
 def objective_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ObjectiveConfig:
@@ -281,7 +282,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             ocfg, optcfg, autoencoder=autoencoder)
   rollout_fn, train_step = programs.rollout, programs.train_step
   evaluator = build_evaluator(config, graphdef, model_cfg, tokenizer, held_out,
-                              autoencoder=autoencoder, reward_fn=reward_fn)
+                              autoencoder=autoencoder, reward_fn=reward_fn, mesh=mesh)
   batch_sh = programs.batch_sharding
 
   # --- resume.
