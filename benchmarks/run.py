@@ -3,8 +3,8 @@
     python benchmarks/run.py --quick --out bench_quick.json        # a few minutes on a CPU
     python benchmarks/run.py --out bench.json                      # both presets, full scaling
     python benchmarks/run.py --presets shapes_large --dtype bfloat16 --out bench_gpu.json
-    python benchmarks/run.py --aot v5p-128 --aot-layers 4 --aot-only \
-        --out benchmarks/results/aot_bagel_v5p-128_L4.json   # TPU compile from this CPU
+    python benchmarks/run.py --aot v5p-128 --aot-only --aot-flops-check \
+        --out benchmarks/results/aot/bench_bagel_v5p-128.json   # TPU compile from this CPU
 
 One process measures, in order: the machine's matmul rate and memory bandwidth (``probes``);
 then per model preset: the rollout (whole, and its text part and flow scan alone), the train step,
@@ -421,41 +421,75 @@ def format_report(res: dict) -> str:
   return "\n".join(lines)
 
 
-def bench_aot(topology: str, layers: int) -> dict:
-  """Compiles the ``bagel_7b_mot`` train step of ``configs/tpu_bagel_plan.py`` for a TPU slice
-  (``unigrpo_jax.aot``; needs libtpu) with ``layers`` of its 28 layers (0: all), so that a change
-  that grows memory or compile time shows up in the results history.
+def bench_aot(topology: str, layers: int, flops_check: bool = False) -> dict:
+  """Compiles the BAGEL-7B-MoT train step of ``configs/tpu_v5.py`` (layer scan, remat, splash
+  attention, the paper's batch) for a TPU slice (``unigrpo_jax.aot``; needs libtpu) with
+  ``layers`` of its 28 layers (0: all), so that a change that grows memory or compile time shows
+  up in the results history.
 
-  Also checks the analytic FLOPs against XLA's: XLA counts the PPO loop body once per chip, so
-  its step count is ``xla_flops_per_chip * chips * ppo_epochs * num_minibatches * grad_accum``.
+  ``flops_check``: also checks the analytic FLOPs against XLA's count. XLA counts a loop body
+  once, so the check compiles the same step without the layer scan and with the dense ("xla")
+  attention (no chunk loop, no kernel whose FLOPs XLA cannot see) at 2 and 4 layers, scales
+  its PPO-loop body by ``ppo_epochs * num_minibatches * grad_accum``, and extrapolates both
+  counts linearly to 28 layers (each layer adds the same work). Compared with the analytic
+  *executed* FLOPs (model FLOPs plus the remat recompute).
   """
-  from configs import tpu_bagel_plan
+  from configs import tpu_v5
   from unigrpo_jax.aot import plan
 
-  config = tpu_bagel_plan.get_config()
-  if layers:
-    config.model.num_layers = layers
-  log(f"AOT: bagel_7b_mot train step, {layers or 'all'} layers, {topology}")
-  rep = plan.plan(config, topology, programs=("train_step",), log=log)
+  def compile_train(num_layers: int, **model):
+    config = tpu_v5.get_config()
+    if num_layers:
+      config.model.num_layers = num_layers
+    config.model.update(model)
+    log(f"AOT: bagel_7b_mot train step, {num_layers or 'all'} layers, {topology}, {model or ''}")
+    return config, plan.plan(config, topology, programs=("train_step",), log=log)
+
+  config, rep = compile_train(layers)
   t = rep["programs"]["train_step"]
-  o = config.optim
-  xla_total = (t["xla_flops_per_chip"] * rep["num_chips"] * o.ppo_epochs * o.num_minibatches
-               * o.grad_accum)
-  return {"topology": topology, "num_chips": rep["num_chips"], "preset": "bagel_7b_mot",
-          "num_layers": rep["model"]["num_layers"], "params": rep["params"],
-          "batch": rep["batch"], "hbm_bytes_per_chip": rep["hbm_bytes_per_chip"],
-          "bytes_per_chip": t["bytes_per_chip"], "fits": t["fits"], "headroom": t["headroom"],
-          "flops": t["flops"], "xla_flops": xla_total, "analytic_over_xla": t["flops"] / xla_total,
-          "compile_s": t["compile_s"], "roofline_s": t["roofline_s"]}
+  out = {"topology": topology, "num_chips": rep["num_chips"], "preset": "bagel_7b_mot",
+         "config": "configs/tpu_v5.py", "num_layers": rep["model"]["num_layers"],
+         "model": rep["model"], "params": rep["params"], "batch": rep["batch"],
+         "hbm_bytes_per_chip": rep["hbm_bytes_per_chip"], "bytes_per_chip": t["bytes_per_chip"],
+         "fits": t["fits"], "headroom": t["headroom"], "flops": t["flops"],
+         "executed_flops": t.get("executed_flops"), "compile_s": t["compile_s"],
+         "roofline_s": t.get("roofline_s")}
+  if flops_check:
+    o = config.optim
+    loops = o.ppo_epochs * o.num_minibatches * o.grad_accum
+    points = {}
+    for n in (2, 4):
+      _, r = compile_train(n, scan_layers=False, attention_impl="xla")
+      p = r["programs"]["train_step"]
+      xla = p["xla_flops_per_chip"] * r["num_chips"] * loops
+      points[n] = {"analytic_executed": p["executed_flops"], "xla": xla,
+                   "analytic_over_xla": p["executed_flops"] / xla, "compile_s": p["compile_s"],
+                   "bytes_per_chip": p["bytes_per_chip"]["total"]}
+    full = rep["model"]["num_layers"] if layers else 28
+    per_layer = {k: (points[4][k] - points[2][k]) / 2 for k in ("analytic_executed", "xla")}
+    at_full = {k: points[4][k] + (full - 4) * per_layer[k] for k in per_layer}
+    out["flops_check"] = {"points": points, "extrapolated_layers": full,
+                          "analytic_executed": at_full["analytic_executed"],
+                          "xla": at_full["xla"],
+                          "analytic_over_xla": at_full["analytic_executed"] / at_full["xla"]}
+  return out
 
 
 def format_aot(a: dict) -> str:
   m = a["bytes_per_chip"]
-  return (f"AOT {a['preset']} train step, {a['num_layers']} layers, {a['topology']} "
+  line = (f"AOT {a['preset']} train step ({a['config']}: scan={a['model']['scan_layers']}, "
+          f"attention={a['model']['attention_impl']}), {a['num_layers']} layers, {a['topology']} "
           f"({a['num_chips']} chips): {m['total'] / 1e9:.2f} GB/chip of "
-          f"{a['hbm_bytes_per_chip'] / 1e9:.2f} (args {m['arguments'] / 1e9:.2f}, temps "
-          f"{m['temporaries'] / 1e9:.2f}), fits={a['fits']}, {a['flops'] / 1e12:.1f} TFLOP "
-          f"(analytic/XLA {a['analytic_over_xla']:.3f}), compile {a['compile_s']:.0f}s")
+          f"{a['hbm_bytes_per_chip'] / 1e9:.2f}, fits={a['fits']}, {a['flops'] / 1e12:.1f} model "
+          f"TFLOP, compile {a['compile_s']:.0f}s")
+  if "arguments" in m:
+    line += f" (args {m['arguments'] / 1e9:.2f}, temps {m['temporaries'] / 1e9:.2f} GB)"
+  if "flops_check" in a:
+    fc = a["flops_check"]
+    pts = ", ".join(f"{n} layers {p['analytic_over_xla']:.3f}" for n, p in fc["points"].items())
+    line += (f"\n  analytic executed FLOPs / XLA: {pts}; extrapolated to "
+             f"{fc['extrapolated_layers']} layers {fc['analytic_over_xla']:.3f}")
+  return line
 
 
 def parse_args(argv=None):
@@ -471,8 +505,11 @@ def parse_args(argv=None):
   ap.add_argument("--aot", default=None, metavar="TOPOLOGY",
                   help="also compile the bagel_7b_mot train step for this TPU slice (e.g. "
                        "v5p-128; needs libtpu) and record bytes per chip, FLOPs, compile time")
-  ap.add_argument("--aot-layers", type=int, default=4,
-                  help="layers of bagel_7b_mot to compile (0: all 28; fewer compile faster)")
+  ap.add_argument("--aot-layers", type=int, default=0,
+                  help="layers of bagel_7b_mot to compile (0: all 28; the layer scan keeps "
+                       "compile time flat in depth)")
+  ap.add_argument("--aot-flops-check", action="store_true",
+                  help="also check analytic vs XLA FLOPs (unscanned 2- and 4-layer compiles)")
   ap.add_argument("--aot-only", action="store_true", help="only the --aot section")
   return ap.parse_args(argv)
 
@@ -483,7 +520,8 @@ def main(argv=None) -> dict:
   if args.aot_only:
     if not args.aot:
       raise SystemExit("error: --aot-only needs --aot=TOPOLOGY")
-    res = {"aot": bench_aot(args.aot, args.aot_layers), "wall_s": time.perf_counter() - start}
+    res = {"aot": bench_aot(args.aot, args.aot_layers, args.aot_flops_check),
+           "wall_s": time.perf_counter() - start}
     print(format_aot(res["aot"]), flush=True)
     if args.out:
       pathlib.Path(args.out).write_text(json.dumps(res, indent=1, default=float))
@@ -501,7 +539,7 @@ def main(argv=None) -> dict:
     res["presets"][name] = bench_preset(name, args, pk["flops_per_s"], bw["bytes_per_s"],
                                         with_scaling=i == 0)
   if args.aot:
-    res["aot"] = bench_aot(args.aot, args.aot_layers)
+    res["aot"] = bench_aot(args.aot, args.aot_layers, args.aot_flops_check)
   res["peak_host_memory_bytes"] = probes.peak_host_memory_bytes()
   res["wall_s"] = time.perf_counter() - start
   print(format_report(res), flush=True)

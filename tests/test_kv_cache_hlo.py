@@ -140,16 +140,17 @@ def test_cache_slot_needs_a_cache_and_text_only(split_model):
 
 
 def test_scanned_layer_stack_keeps_the_decode_copy_free(split_model):
-  """With ``scan_layers`` (the pod configs) the prefill runs as one scan, but the decode loop
-  keeps its per-layer buffers and in-place writes: no cache copies, the same tokens."""
+  """With ``scan_layers`` (the pod configs: stacked [L, ...] params) the prefill runs as one
+  scan, but the decode loop keeps its per-layer cache buffers and in-place writes, reading
+  each layer's slice of the stacked weights: no cache copies, the same tokens."""
   graphdef, state = split_model
-  scan_graphdef = nnx.split(UnifiedModel(CFG.replace(scan_layers=True, remat=True),
-                                         nnx.Rngs(0)))[0]
+  scan_graphdef, scan_state = nnx.split(UnifiedModel(CFG.replace(scan_layers=True, remat=True),
+                                                     nnx.Rngs(0)))  # same values as state
   tokens, mask = _prompts()
   sampler = text.make_text_sampler(scan_graphdef, SAMPLING)
-  _assert_no_cache_copies(sampler.lower(state, tokens, mask, jax.random.key(0)).compile()
+  _assert_no_cache_copies(sampler.lower(scan_state, tokens, mask, jax.random.key(0)).compile()
                           .as_text())
-  scanned = sampler(state, tokens, mask, jax.random.key(0))
+  scanned = sampler(scan_state, tokens, mask, jax.random.key(0))
   looped = text.make_text_sampler(graphdef, SAMPLING)(state, tokens, mask, jax.random.key(0))
   np.testing.assert_array_equal(scanned.tokens, looped.tokens)
   np.testing.assert_allclose(scanned.logp, looped.logp, atol=1e-5)

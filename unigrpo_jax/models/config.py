@@ -61,8 +61,9 @@ class ModelConfig:
   remat: bool = False  # rematerialise each layer in the backward pass.
   # What the backward pass keeps of a rematerialised layer: see ``unified.remat_policy``.
   remat_policy: str = "nothing_saveable"
-  # Run the layer stack as one lax.scan (compile time flat in depth) instead of a Python loop.
-  # Same parameters and results; the decode loop (``cache_slot``) always runs unrolled.
+  # Run the layer stack as one lax.scan (compile time flat in depth) over params stacked
+  # [num_layers, ...] instead of a Python loop over per-layer params. Same values and results
+  # (models/layer_layout.py converts); the decode loop (``cache_slot``) always runs unrolled.
   scan_layers: bool = False
   # Image-block attention (attention.block_attention): "auto" (resolved for the mesh's platform
   # by attention.resolve_impl: splash on TPU, cudnn on GPU in bf16/fp16, else chunked), or

@@ -111,7 +111,9 @@ def build_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
   into the mesh, else a fresh sharded init overwritten by ``init_params`` when given."""
   if is_bagel_dir(config.init_checkpoint):
     from unigrpo_jax.models.pretrained import load_bagel
-    model = load_bagel(config.init_checkpoint, mesh=mesh, rules=rules, **_bagel_kwargs(config))
+    # attention_impl as resolved for the platform by model_and_params (not the config's "auto")
+    kw = {**_bagel_kwargs(config), "attention_impl": model_cfg.attention_impl}
+    model = load_bagel(config.init_checkpoint, mesh=mesh, rules=rules, **kw)
     if model.cfg != model_cfg:
       raise AssertionError(f"loaded config {model.cfg} != validated {model_cfg}")
     return nnx.split(model)
