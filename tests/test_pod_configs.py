@@ -12,7 +12,7 @@ def _config(name):
   return importlib.import_module(f"configs.{name}").get_config()
 
 
-@pytest.mark.parametrize("name", ["tpu_v5", "tpu_v4"])
+@pytest.mark.parametrize("name", ["tpu_v5", "tpu_v4", "tpu_v5e"])
 def test_bagel_pod_configs_carry_table3(name):
   c = _config(name)
   config_validation.validate(c)
