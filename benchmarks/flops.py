@@ -130,6 +130,18 @@ def backward(cfg: ModelConfig, fwd: Flops, *, batch: int, text_len: int, num_blo
 
 
 # ----------------------------------------------------------------------------- the train step
+def remat_recompute(cfg: ModelConfig, fwd: Flops) -> Flops:
+  """What a rematerialised (``nothing_saveable``) backward re-runs of the forward ``fwd``: every
+  layer up to, not including, its last matmul. The MLP down projection's output only feeds the
+  residual sum, which is the next layer's input (the one thing remat keeps), so its backward
+  needs its input and the incoming gradient but never its output. The LM head is outside the
+  rematerialised layers."""
+  w = expert_weights(cfg)
+  keep = (w - cfg.hidden * cfg.mlp_dim) / w
+  return dataclasses.replace(fwd, lm_head=0.0, text_matmul=keep * fwd.text_matmul,
+                             image_matmul=keep * fwd.image_matmul)
+
+
 def train_step(cfg: ModelConfig, *, rows: int, prompt_len: int, reasoning_len: int,
                window_size: int, ppo_epochs: int, needs_reference: bool, ref_logits: bool,
                stop_context_grad: bool, remat: bool = False) -> dict:
@@ -148,7 +160,7 @@ def train_step(cfg: ModelConfig, *, rows: int, prompt_len: int, reasoning_len: i
   accumulation does not change it either). The LM head runs on the T + 1 reasoning slots
   only (``logits_slice``). Returns per-part Flops dicts, ``total`` (model FLOPs: what MFU
   counts) and ``executed`` (what the chips run: with ``remat`` the backward pass first
-  recomputes the policy's layer stack, one more forward of everything but the LM head).
+  recomputes the policy's layer stack, ``remat_recompute``).
   """
   lt = prompt_len + reasoning_len + 1
   shape = dict(batch=rows, text_len=lt, num_blocks=window_size)
@@ -156,7 +168,7 @@ def train_step(cfg: ModelConfig, *, rows: int, prompt_len: int, reasoning_len: i
   bwd = backward(cfg, fwd, stop_context_grad=stop_context_grad, **shape)
   ref = forward(cfg, logits=ref_logits, logits_len=reasoning_len + 1,
                 **shape) if needs_reference else Flops()
-  recompute = dataclasses.replace(fwd, lm_head=0.0) if remat else Flops()
+  recompute = remat_recompute(cfg, fwd) if remat else Flops()
   per_epoch = fwd + bwd + ref
   return {"policy_forward": fwd.as_dict(), "policy_backward": bwd.as_dict(),
           "reference_forward": ref.as_dict(), "remat_recompute": recompute.as_dict(),
