@@ -33,7 +33,8 @@ def tokenizer_for(config: ml_collections.ConfigDict):
 
 
 def _bagel_kwargs(config: ml_collections.ConfigDict) -> dict:
-  extra = {k: config.model[k] for k in RUNTIME_FIELDS[3:] if k in config.model}
+  passed = ("dtype", "param_dtype", "remat")  # given by name below
+  extra = {k: config.model[k] for k in RUNTIME_FIELDS if k not in passed and k in config.model}
   return dict(dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
               remat=config.model.remat, image_size=config.model.get("image_size", 1024), **extra)
 
