@@ -213,22 +213,32 @@ def scaling(caches: list[int], prompt: int, new: int, batch: int, layers: int,
 
   One attention window over the whole cache (``min_window=0``), so every step reads all S slots:
   time per step should grow no faster than ``bytes per step = weights + 2 L B S Hkv D * 4``.
+  All cache lengths are compiled and warmed first, then timed in ``repeats`` interleaved rounds
+  (each round visits every length, starting from a different one), so a slow spell of a shared
+  machine lands on all lengths alike rather than on whichever was being timed; medians.
   """
+  tokens = jax.random.randint(jax.random.key(1), (batch, prompt), 1,
+                              SHAPES["vocab_size"] - 1, jnp.int32)
+  projects = {}
+  for s in caches:
+    projects[s] = Project(Point(s, prompt, new, batch, layers), tokens,
+                          jnp.ones(tokens.shape, bool), min_window=0)
+    for _ in range(2):
+      projects[s].run()
+  times = {s: [] for s in caches}
+  for i in range(repeats):
+    for s in caches[i % len(caches):] + caches[:i % len(caches)]:
+      times[s].append(projects[s].run()[1])
   rows = []
   for s in caches:
-    pt = Point(s, prompt, new, batch, layers)
-    tokens = jax.random.randint(jax.random.key(1), (batch, prompt), 1,
-                                SHAPES["vocab_size"] - 1, jnp.int32)
-    proj = Project(pt, tokens, jnp.ones(tokens.shape, bool), min_window=0)
-    for _ in range(2):
-      proj.run()
-    sec = statistics.median(proj.run()[1] for _ in range(repeats))
-    cfg = proj.cfg
+    cfg = projects[s].cfg
+    sec = statistics.median(times[s])
     weights = flops.decode_bytes(cfg, rows=batch, prompt_len=prompt, reasoning_len=new,
                                  decode_steps=new)["weight_bytes_per_pass"]
     kv = 2 * layers * batch * s * cfg.num_kv_heads * cfg.resolved_head_dim * 4
     rows.append({"cache": s, "decode_s": sec, "ms_per_step": 1e3 * sec / new,
-                 "bytes_per_step": weights + kv, "load": os.getloadavg()[0]})
+                 "decode_times": times[s], "bytes_per_step": weights + kv,
+                 "load": os.getloadavg()[0]})
   for r in rows:
     r["time_ratio"] = r["ms_per_step"] / rows[0]["ms_per_step"]
     r["bytes_ratio"] = r["bytes_per_step"] / rows[0]["bytes_per_step"]
@@ -280,6 +290,9 @@ def main(argv=None):
   ap.add_argument("--out", default=None, help="write a markdown table here (and .json beside)")
   ap.add_argument("--scaling", nargs="*", type=int, default=[128, 256, 512, 1024],
                   help="cache lengths of the project-only time-vs-bytes table (none: skip it)")
+  ap.add_argument("--scaling-batch", type=int, default=8, help="rows B of the scaling table")
+  ap.add_argument("--scaling-repeats", type=int, default=15,
+                  help="interleaved rounds of the scaling table (medians)")
   args = ap.parse_args(argv)
   points = [Point.parse(p) for p in args.points]  # bad input fails before any compile
   try:
@@ -305,8 +318,8 @@ def main(argv=None):
   md = to_markdown(rows, meta)
   scale_rows = []
   if args.scaling:
-    shape = dict(prompt=16, new=64, batch=8, layers=8)
-    scale_rows = scaling(args.scaling, repeats=args.repeats, **shape)
+    shape = dict(prompt=16, new=64, batch=args.scaling_batch, layers=8)
+    scale_rows = scaling(args.scaling, repeats=args.scaling_repeats, **shape)
     md += scaling_markdown(scale_rows, **shape)
   print(md)
   if args.out:

@@ -43,12 +43,15 @@ def heads_first(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 1, 2)
 
 
-def text_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def text_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                   keys_transposed: bool = False) -> jax.Array:
   """Masked GQA attention.
 
   Args:
     q: [B, Lq, H, D] queries.
-    k, v: [B, Hkv, Lk, D] keys and values (head-major).
+    k: [B, Hkv, Lk, D] keys (head-major), or [B, Hkv, D, Lk] with ``keys_transposed`` (the decode
+      loop's layout, see ``KVCache.keys_transposed``).
+    v: [B, Hkv, Lk, D] values (head-major).
     mask: [B, Lq, Lk] bool, True where the query may read the key.
   Returns:
     [B, Lq, H, D] in q's dtype.
@@ -57,14 +60,24 @@ def text_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) ->
   hkv = k.shape[1]
   # Queries as [B, Hkv, G * Lq, D] (a small transpose of q, not of the keys): both contractions
   # are then batched matmuls over (B, Hkv) with the keys/values read as stored.
-  qg = jnp.moveaxis(_group(q, hkv), 1, 3).reshape(b, hkv, -1, d)  # [B, Hkv, G * Lq, D]
-  logits = jnp.einsum("bhqd,bhkd->bhqk", qg, k, preferred_element_type=jnp.float32)
-  logits = logits / jnp.sqrt(jnp.float32(d))
-  logits = logits.reshape(b, hkv, h // hkv, lq, -1)
+  qg = jnp.moveaxis(_group(q, hkv), 1, 3).reshape(b, hkv, -1, d)
+  if keys_transposed:
+    # [D, Lk] keys: the contraction streams over contiguous slots (on CPU about 1.5x faster per
+    # byte than contracting the minor D of [Lk, D] when Lq is 1).
+    logits = jnp.swapaxes(jnp.einsum("bhdk,bhqd->bhkq", k, qg,
+                                     preferred_element_type=jnp.float32), 2, 3)
+  else:
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qg, k, preferred_element_type=jnp.float32)
+  logits = logits.reshape(b, hkv, h // hkv, lq, -1) / jnp.sqrt(jnp.float32(d))
   logits = jnp.where(mask[:, None, None], logits, _MASKED)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, hkv, h // hkv * lq, -1)
-  out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).reshape(b, hkv, h // hkv, lq, d)
-  return jnp.moveaxis(out, 3, 1).reshape(b, lq, h, d)
+  # Softmax with the normalisation after the value contraction: the unnormalised weights are
+  # read once (by the dot) and only the [.., Lq, D] output is divided, not the [.., Lq, Lk] rows.
+  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  total = jnp.sum(weights, axis=-1)  # [B, Hkv, G, Lq], >= 1 (the max's own term)
+  weights = weights.astype(v.dtype).reshape(b, hkv, h // hkv * lq, -1)
+  out = jnp.einsum("bhqk,bhkd->bhqd", weights, v, preferred_element_type=jnp.float32)
+  out = out.reshape(b, hkv, h // hkv, lq, d) / total[..., None]
+  return jnp.moveaxis(out, 3, 1).reshape(b, lq, h, d).astype(q.dtype)
 
 
 # The mesh of the program being traced (``traced_on``): Pallas kernels must be shard_mapped

@@ -44,7 +44,11 @@ class KVCache:
 
   k, v: tuples of ``num_layers`` arrays [B, Hkv, S, D] in the compute dtype, one buffer per layer,
   head-major (the layout attention reads without a transpose: see ``attention``);
-  valid: [B, S] bool (slots holding real tokens).
+  valid: [B, S] bool (slots holding real tokens);
+  keys_transposed (static): the keys are [B, Hkv, D, S] instead. The decode loop's layout
+  (``with_key_layout``): a one-token query contracts [D, S] keys about 1.5x faster per byte on
+  CPU than [S, D] ones, because the dot then streams over contiguous slots. Everything else
+  (prefill, the image blocks' read-only prefix, the layer scan) uses the default layout.
 
   The decode loop never copies it: in ``cache_slot`` mode layer ``i`` writes its new key/value
   into its own buffer with one ``dynamic_update_slice`` (XLA updates the loop-carried buffer in
@@ -55,6 +59,7 @@ class KVCache:
   k: tuple
   v: tuple
   valid: jax.Array
+  keys_transposed: bool = flax.struct.field(pytree_node=False, default=False)
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
@@ -66,15 +71,29 @@ class KVCache:
   def length(self) -> int:
     return self.valid.shape[1]
 
+  @property
+  def key_slot_axis(self) -> int:
+    """The slot axis of the key buffers: 2, or 3 when ``keys_transposed``."""
+    return 3 if self.keys_transposed else 2
+
   def write(self, k: jax.Array, v: jax.Array, slot, valid: jax.Array) -> "KVCache":
     """Writes [L, B, T, Hkv, D] keys/values (``ModelOutput.text_k`` / ``text_v``) and [B, T]
     validity at slots ``slot .. slot+T``."""
-    put = lambda bufs, new: tuple(write_slots(b, n, slot) for b, n in zip(bufs, new))
-    return KVCache(put(self.k, k), put(self.v, v), self.write_valid(valid, slot))
+    put = lambda bufs, new, t: tuple(write_slots(b, n, slot, t) for b, n in zip(bufs, new))
+    return self.replace(k=put(self.k, k, self.keys_transposed), v=put(self.v, v, False),
+                        valid=self.write_valid(valid, slot))
 
   def write_valid(self, valid: jax.Array, slot) -> jax.Array:
     """[B, S] validity with [B, T] ``valid`` stored at slots ``slot .. slot+T``."""
     return jax.lax.dynamic_update_slice(self.valid, valid, (0, slot))
+
+  def with_key_layout(self, transposed: bool) -> "KVCache":
+    """This cache with keys [B, Hkv, D, S] (``transposed``) or [B, Hkv, S, D]: a copy of the
+    keys when the layout changes (once per decode call, not per step), else ``self``."""
+    if transposed == self.keys_transposed:
+      return self
+    return self.replace(k=tuple(jnp.swapaxes(b, 2, 3) for b in self.k),
+                        keys_transposed=transposed)
 
   def resized(self, length: int) -> "KVCache":
     """The first ``length`` slots (``length`` <= S), or all S slots followed by empty ones.
@@ -87,22 +106,25 @@ class KVCache:
       pad = [(0, 0)] * a.ndim
       pad[axis] = (0, length - a.shape[axis])
       return jnp.pad(a, pad)
-    return KVCache(tuple(fit(b, 2) for b in self.k), tuple(fit(b, 2) for b in self.v),
-                   fit(self.valid, 1))
+    return self.replace(k=tuple(fit(b, self.key_slot_axis) for b in self.k),
+                        v=tuple(fit(b, 2) for b in self.v), valid=fit(self.valid, 1))
 
   def stacked(self) -> tuple[jax.Array, jax.Array]:
     """(k, v) as [L, B, S, Hkv, D] arrays, the layout of ``ModelOutput.text_k`` (a copy: for
     inspection and tests, not for the decode loop)."""
     stack = lambda bufs: jnp.swapaxes(jnp.stack(bufs), 2, 3)
-    return stack(self.k), stack(self.v)
+    return stack(self.with_key_layout(False).k), stack(self.v)
 
 
-def write_slots(buf: jax.Array, new: jax.Array, slot) -> jax.Array:
+def write_slots(buf: jax.Array, new: jax.Array, slot, transposed: bool = False) -> jax.Array:
   """One layer's buffer [B, Hkv, S, D] with [B, T, Hkv, D] keys (or values) at ``slot .. slot+T``.
 
-  A ``dynamic_update_slice`` of T slots: in place when ``buf`` is a loop carry or donated.
+  ``transposed``: the buffer is [B, Hkv, D, S] (``KVCache.keys_transposed``). A
+  ``dynamic_update_slice`` of T slots: in place when ``buf`` is a loop carry or donated.
   """
-  new = attention.heads_first(new).astype(buf.dtype)
+  new = attention.heads_first(new).astype(buf.dtype)  # [B, Hkv, T, D]
+  if transposed:
+    return jax.lax.dynamic_update_slice(buf, jnp.swapaxes(new, 2, 3), (0, 0, 0, slot))
   return jax.lax.dynamic_update_slice(buf, new, (0, 0, slot, 0))
 
 
@@ -230,19 +252,23 @@ class MoTLayer(nnx.Module):
       image_x = image_x.reshape(b, nb, n, d)
     return text_x, image_x, marker_x, tk, tv
 
-  def text_into_cache(self, text_x, text_pos, text_mask, cache_k, cache_v, slot):
+  def text_into_cache(self, text_x, text_pos, text_mask, cache_k, cache_v, slot,
+                      keys_transposed: bool = False):
     """Text tokens that write their keys/values into this layer's cache, then attend over it.
 
     Args:
       text_x: [B, Lt, D]; text_pos: [B, Lt]; text_mask: [B, Lt, S] (``cached_text_mask``).
-      cache_k, cache_v: [B, Hkv, S, D] this layer's cache buffers.
+      cache_k, cache_v: [B, Hkv, S, D] this layer's cache buffers (keys [B, Hkv, D, S] with
+        ``keys_transposed``).
       slot: first slot of the Lt tokens (int or int32 scalar).
     Returns:
       (text_x [B, Lt, D], cache_k, cache_v with the new slots written).
     """
     tq, tk, tv = self.und.qkv(text_x, text_pos)
-    cache_k, cache_v = write_slots(cache_k, tk, slot), write_slots(cache_v, tv, slot)
-    text_x = self.und.finish(text_x, attention.text_attention(tq, cache_k, cache_v, text_mask))
+    cache_k = write_slots(cache_k, tk, slot, keys_transposed)
+    cache_v = write_slots(cache_v, tv, slot)
+    out = attention.text_attention(tq, cache_k, cache_v, text_mask, keys_transposed)
+    text_x = self.und.finish(text_x, out)
     return text_x, cache_k, cache_v
 
 
@@ -307,6 +333,9 @@ class UnifiedModel(nnx.Module):
         raise ValueError("cache_slot needs a cache and tokens, and no latents")
       return self._text_into_cache(tokens, positions, text_valid, cache, cache_slot,
                                    compute_logits)
+    if cache is not None and cache.keys_transposed:
+      raise ValueError("a cache read as a prefix needs [B, Hkv, S, D] keys: pass "
+                       "cache.with_key_layout(False) (keys_transposed is the decode loop's layout)")
     text_x = text_mask = None
     if tokens is not None:
       if positions is None:
@@ -363,9 +392,11 @@ class UnifiedModel(nnx.Module):
     x = self.embed_text(tokens)
     k, v = list(cache.k), list(cache.v)
     for i, layer in enumerate(layer_list(self.layers, self.cfg)):
-      x, k[i], v[i] = layer.text_into_cache(x, positions, mask, k[i], v[i], slot)
+      x, k[i], v[i] = layer.text_into_cache(x, positions, mask, k[i], v[i], slot,
+                                            cache.keys_transposed)
     logits = self.text_logits(x) if compute_logits else None
-    return ModelOutput(logits, None, None, None, KVCache(tuple(k), tuple(v), valid))
+    return ModelOutput(logits, None, None, None, cache.replace(k=tuple(k), v=tuple(v),
+                                                                 valid=valid))
 
   def embed_text(self, tokens: jax.Array) -> jax.Array:
     """[B, L] token ids -> [B, L, D] embeddings in the compute dtype."""

@@ -214,7 +214,9 @@ def decode(model: UnifiedModel, cache: KVCache, last_logits: jax.Array, prompt_m
     # Merge inside the body so the loop is a pure function of its carried/closed-over arrays.
     return decode_step(nnx.merge(graphdef, params), state, prompt_slots, cfg)
 
-  state = init_decode_state(cache, last_logits, prompt_mask, key, cfg)
+  # The loop attends over [B, Hkv, D, S] keys (``KVCache.keys_transposed``): one transpose of
+  # the keys here and one back at the end, instead of a slower contraction on every step.
+  state = init_decode_state(cache.with_key_layout(True), last_logits, prompt_mask, key, cfg)
   for width in attention_windows(prompt_slots, cfg.max_len, cache_len, min_window):
     last_step = min(cfg.max_len, width - prompt_slots)  # steps < last_step fit in the window
     cond = lambda s, last_step=last_step: (s.step < last_step) & ~jnp.all(s.done)
@@ -222,7 +224,8 @@ def decode(model: UnifiedModel, cache: KVCache, last_logits: jax.Array, prompt_m
       state = state.replace(cache=state.cache.resized(width))
     state = jax.lax.while_loop(cond, body, state)
   cache = state.cache if state.cache.length == cache_len else state.cache.resized(cache_len)
-  return TextSample(state.tokens, state.logp, state.mask, ~state.done, cache)
+  return TextSample(state.tokens, state.logp, state.mask, ~state.done,
+                    cache.with_key_layout(False))
 
 
 def append_token(model: UnifiedModel, cache: KVCache, token_id: int, slot: int,
