@@ -154,3 +154,27 @@ def test_scanned_layer_stack_keeps_the_decode_copy_free(split_model):
   looped = text.make_text_sampler(graphdef, SAMPLING)(state, tokens, mask, jax.random.key(0))
   np.testing.assert_array_equal(scanned.tokens, looped.tokens)
   np.testing.assert_allclose(scanned.logp, looped.logp, atol=1e-5)
+
+
+def test_scanned_rollout_stacks_the_cache_once_outside_the_denoising_loop():
+  """With ``scan_layers`` every denoising call reads the cache as [L, ...] arrays (the scan's
+  input). The stack is loop-invariant: XLA must build it once per rollout, outside every while
+  loop, not once per denoising step (25 copies of the cache per rollout at BAGEL's settings)."""
+  from unigrpo_jax.models import PatchAutoencoder
+  from unigrpo_jax.sampling.rollout import RolloutConfig, make_rollout
+  cfg = CFG.replace(scan_layers=True, num_layers=3)
+  rollout_cfg = RolloutConfig(group_size=2, max_reasoning_len=T, stop_id=cfg.vocab_size, pad_id=0,
+                              vision_start_id=2, num_steps=6, shift=3.0, noise_level=0.8,
+                              window_range=(0, 5), window_size=3)
+  graphdef, state = nnx.split(UnifiedModel(cfg, nnx.Rngs(0)))
+  rollout = make_rollout(graphdef, rollout_cfg, PatchAutoencoder.for_model(cfg))
+  tokens, mask = _prompts()
+  hlo = rollout.lower(state, tokens, mask, jax.random.key(0)).compile().as_text()
+  rows = B * rollout_cfg.group_size
+  stacked = f"[{cfg.num_layers},{rows},{cfg.num_kv_heads},{S},{cfg.resolved_head_dim}]"
+  comps = hlo_copies.split_computations(hlo)
+  builds = [(name, line) for name, lines in comps.items() for line in lines
+            if f"{stacked}" in line.split("=", 1)[-1].split("(", 1)[0] and "concatenate" in line]
+  assert builds, f"no {stacked} stack of the cache found (did the layout change?)"
+  in_loops = set().union(*hlo_copies.while_bodies(hlo).values())
+  assert not [n for n, _ in builds if n in in_loops], [l for n, l in builds if n in in_loops]
