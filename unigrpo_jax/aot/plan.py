@@ -84,17 +84,17 @@ def _analytic(config, model_cfg, ocfg) -> dict:
           "executed": {"rollout": roll["total"], "train_step": train["executed"]}}
 
 
-def _roofline(name, flops_total, cost, topo, config, analytic) -> float:
+def _roofline(name, cost, topo, config, analytic) -> float:
   """Seconds per call if the chips ran at peak: max(compute, HBM traffic) per chip.
 
   Compute: executed FLOPs (model FLOPs plus the remat recompute) / (chips * peak bf16). HBM
   traffic per chip: the train step's is XLA's ``bytes accessed`` of one loop iteration times
   ``ppo_epochs * num_minibatches * grad_accum`` iterations (nearly all of the step is inside the
   loop; XLA counts a loop body once, so with ``scan_layers`` this undercounts the layers'
-  traffic: the train step is compute-bound at these batch sizes either way). The rollout's is every model pass
-  reading the gathered weights (FSDP: each chip holds all of a layer's weights while it runs it)
-  and each decode pass reading this chip's share of the KV cache (``flops.decode_bytes``), plus
-  ``num_steps`` denoising passes over the weights.
+  traffic: the train step is compute-bound at these batch sizes either way). The rollout's is
+  every model pass reading the gathered weights (FSDP: each chip holds all of a layer's weights
+  while it runs it) and each decode pass reading this chip's share of the KV cache
+  (``flops.decode_bytes``), plus ``num_steps`` denoising passes over the weights.
   """
   chip = topo.chip
   compute_s = analytic["executed"][name] / (topo.num_chips * chip.peak_flops)
@@ -210,7 +210,7 @@ def plan(config: ml_collections.ConfigDict, topology_name: str,
              "executed_flops": analytic["executed"][name],
              "xla_flops_per_chip": cost["flops"],
              "xla_bytes_accessed_per_chip": cost["bytes_accessed"],
-             "roofline_s": _roofline(name, analytic[name], cost, topo, config, analytic),
+             "roofline_s": _roofline(name, cost, topo, config, analytic),
              "compile_s": round(compile_s, 2), "fits": bool(fits),
              "headroom": 1.0 - mem["total"] / topo.chip.hbm_bytes}
     if not fits:
