@@ -154,6 +154,19 @@ def test_scanned_layer_stack_keeps_the_decode_copy_free(split_model):
   looped = text.make_text_sampler(graphdef, SAMPLING)(state, tokens, mask, jax.random.key(0))
   np.testing.assert_array_equal(scanned.tokens, looped.tokens)
   np.testing.assert_allclose(scanned.logp, looped.logp, atol=1e-5)
+  # Nor does the loop copy the weights: each layer's weights are sliced out of the stacked
+  # arrays once per decode call, not in every step (inside the loop XLA materialised the slices).
+  prefill_fn, decode_fn = text.make_prefill_decode(scan_graphdef, SAMPLING)
+  cache, last = prefill_fn(scan_state, tokens, mask)
+  hlo = decode_fn.lower(scan_state, cache, last, mask, jax.random.key(0)).compile().as_text()
+  mlp = {f"{CFG.hidden},{CFG.mlp_dim}", f"{CFG.mlp_dim},{CFG.hidden}"}  # a layer's MLP weights
+  comps = hlo_copies.split_computations(hlo)
+  in_loops = set().union(*hlo_copies.while_bodies(hlo).values())
+  assert in_loops
+  made = [line.strip()[:120] for name in in_loops for line in comps[name]
+          if (m := hlo_copies._INSTR.search(line)) and m.group(2) in mlp
+          and m.group(3) not in ("parameter", "get-tuple-element", "bitcast", "tuple")]
+  assert made == [], made
 
 
 def test_scanned_rollout_stacks_the_cache_once_outside_the_denoising_loop():

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unigrpo_jax.models import layer_layout
 from unigrpo_jax.models.unified import KVCache, UnifiedModel
 from unigrpo_jax.sampling import distribution
 from unigrpo_jax.sampling.trajectory import prompt_positions
@@ -207,7 +208,10 @@ def decode(model: UnifiedModel, cache: KVCache, last_logits: jax.Array, prompt_m
   """
   prompt_slots = prompt_mask.shape[1]
   prompt_mask = prompt_mask.astype(bool)
-  graphdef, params = nnx.split(model)
+  # The loop runs unrolled over per-layer cache buffers. With ``scan_layers`` each layer's
+  # weights are taken out of the stacked [L, ...] arrays once here: sliced inside the loop body,
+  # XLA copied every layer's weights on every step.
+  graphdef, params = nnx.split(layer_layout.convert_model(model, scan_layers=False))
   cache_len = cache.length
 
   def body(state):
