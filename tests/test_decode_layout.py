@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from test_model import TOL, _positions, _tokens, model  # noqa: F401  (module fixture)
 from unigrpo_jax.models import KVCache, attention, get_preset
@@ -100,7 +101,6 @@ def test_decode_returns_the_plain_layout_and_loops_over_transposed_keys(model): 
   b, p = 2, 4
   sampling = text.SamplingConfig(max_len=5, stop_id=cfg.vocab_size, pad_id=0)
   tokens, mask = _tokens(cfg, b, p), jnp.ones((b, p), bool)
-  from flax import nnx
   graphdef, state = nnx.split(model)
   prefill_fn, decode_fn = text.make_prefill_decode(graphdef, sampling)
   cache, last = prefill_fn(state, tokens, mask)
