@@ -288,7 +288,7 @@ def main(argv=None):
                   help="S:P:T:B:L (cache slots, prompt, new tokens, batch, layers)")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--out", default=None, help="write a markdown table here (and .json beside)")
-  ap.add_argument("--scaling", nargs="*", type=int, default=[128, 256, 512, 1024],
+  ap.add_argument("--scaling", nargs="*", type=int, default=[128, 256, 512, 1024, 2048],
                   help="cache lengths of the project-only time-vs-bytes table (none: skip it)")
   ap.add_argument("--scaling-batch", type=int, default=8, help="rows B of the scaling table")
   ap.add_argument("--scaling-repeats", type=int, default=15,
