@@ -32,6 +32,7 @@ the load average (``os.getloadavg``) is recorded before and after each point.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -50,7 +51,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks import flops  # noqa: E402
-from unigrpo_jax.models import UnifiedModel, get_preset  # noqa: E402
+from unigrpo_jax.models import UnifiedModel, attention, get_preset  # noqa: E402
 from unigrpo_jax.sampling import text  # noqa: E402
 
 SHAPES = dict(vocab_size=4096, hidden=256, num_heads=8, num_kv_heads=2, mlp_dim=1024)
@@ -207,8 +208,35 @@ def compare(pt: Point, repeats: int) -> dict:
           "load_before": load_before, "load_after": os.getloadavg()}
 
 
+@contextlib.contextmanager
+def decode_attention_reads_only():
+  """Within: decode attention (one query per row, the loop's ``[B, Hkv, D, S]`` keys) only reads.
+
+  The stand-in sums every key and value slot of the layer's cache and adds a trace of it to the
+  queries: it reads exactly the bytes the real attention reads, with one add per element instead
+  of the two contractions and the softmax. A decode traced inside this context therefore costs
+  the rest of the model plus one plain read of the cache per step: the floor that "time grows
+  with the bytes read" is measured against (``scaling(read_floor=True)``). Prefill and the image
+  path keep the real attention. Timing only: its tokens are meaningless.
+  """
+  real = attention.text_attention
+
+  def read_only(q, k, v, mask, keys_transposed=False):
+    if not keys_transposed or q.shape[1] != 1:
+      return real(q, k, v, mask, keys_transposed)
+    b, _, h, d = q.shape
+    sums = jnp.sum(k, axis=3) + jnp.sum(v, axis=2)  # [B, Hkv, D]: every slot read once
+    return q + 1e-6 * jnp.repeat(sums, h // k.shape[1], axis=1)[:, None]
+
+  attention.text_attention = read_only
+  try:
+    yield
+  finally:
+    attention.text_attention = real
+
+
 def scaling(caches: list[int], prompt: int, new: int, batch: int, layers: int,
-            repeats: int) -> list[dict]:
+            repeats: int, read_floor: bool = False) -> list[dict]:
   """The project's decode time per step against the bytes a step must read, as the cache grows.
 
   One attention window over the whole cache (``min_window=0``), so every step reads all S slots:
@@ -216,43 +244,75 @@ def scaling(caches: list[int], prompt: int, new: int, batch: int, layers: int,
   All cache lengths are compiled and warmed first, then timed in ``repeats`` interleaved rounds
   (each round visits every length, starting from a different one), so a slow spell of a shared
   machine lands on all lengths alike rather than on whichever was being timed; medians.
+
+  With ``read_floor``, each length also gets a decode whose attention only reads the cache
+  (``decode_attention_reads_only``), timed in the same rounds: the rows gain ``read_ms_per_step``
+  and ``read_time_ratio``, how fast a step that reads the same bytes and does no attention
+  arithmetic grows on this machine.
   """
   tokens = jax.random.randint(jax.random.key(1), (batch, prompt), 1,
                               SHAPES["vocab_size"] - 1, jnp.int32)
-  projects = {}
+  mask = jnp.ones(tokens.shape, bool)
+  runners = {}
   for s in caches:
-    projects[s] = Project(Point(s, prompt, new, batch, layers), tokens,
-                          jnp.ones(tokens.shape, bool), min_window=0)
+    runners[("model", s)] = Project(Point(s, prompt, new, batch, layers), tokens, mask,
+                                    min_window=0)
+    if read_floor:
+      with decode_attention_reads_only():  # traced and compiled (first call) inside the context
+        runners[("read", s)] = Project(Point(s, prompt, new, batch, layers), tokens, mask,
+                                       min_window=0)
+        runners[("read", s)].run()
+  for runner in runners.values():
     for _ in range(2):
-      projects[s].run()
-  times = {s: [] for s in caches}
+      runner.run()
+  order = list(runners)
+  times = {key: [] for key in runners}
   for i in range(repeats):
-    for s in caches[i % len(caches):] + caches[:i % len(caches)]:
-      times[s].append(projects[s].run()[1])
+    shift = i * (2 if read_floor else 1) % len(order)
+    for key in order[shift:] + order[:shift]:
+      times[key].append(runners[key].run()[1])
   rows = []
   for s in caches:
-    cfg = projects[s].cfg
-    sec = statistics.median(times[s])
+    cfg = runners[("model", s)].cfg
+    sec = statistics.median(times[("model", s)])
     weights = flops.decode_bytes(cfg, rows=batch, prompt_len=prompt, reasoning_len=new,
                                  decode_steps=new)["weight_bytes_per_pass"]
     kv = 2 * layers * batch * s * cfg.num_kv_heads * cfg.resolved_head_dim * 4
-    rows.append({"cache": s, "decode_s": sec, "ms_per_step": 1e3 * sec / new,
-                 "decode_times": times[s], "bytes_per_step": weights + kv,
-                 "load": os.getloadavg()[0]})
+    row = {"cache": s, "decode_s": sec, "ms_per_step": 1e3 * sec / new,
+           "decode_times": times[("model", s)], "bytes_per_step": weights + kv,
+           "load": os.getloadavg()[0]}
+    if read_floor:
+      row["read_ms_per_step"] = 1e3 * statistics.median(times[("read", s)]) / new
+      row["read_decode_times"] = times[("read", s)]
+    rows.append(row)
   for r in rows:
     r["time_ratio"] = r["ms_per_step"] / rows[0]["ms_per_step"]
     r["bytes_ratio"] = r["bytes_per_step"] / rows[0]["bytes_per_step"]
+    if read_floor:
+      r["read_time_ratio"] = r["read_ms_per_step"] / rows[0]["read_ms_per_step"]
   return rows
 
 
 def scaling_markdown(rows: list[dict], prompt: int, new: int, batch: int, layers: int) -> str:
+  read = "read_ms_per_step" in rows[0]
   lines = ["", f"## Decode time per step vs cache length (project, one window over the whole "
-               f"cache; P={prompt} T={new} B={batch} L={layers})", "",
-           "| cache slots | ms/step | MB read/step | time ratio | bytes ratio | load |",
-           "|---|---|---|---|---|---|"]
+               f"cache; P={prompt} T={new} B={batch} L={layers})", ""]
+  if read:
+    lines += ["\"read-only\": the same decode with its attention replaced by a plain sum over every "
+              "key and value slot (`decode_attention_reads_only`): the same bytes, no attention "
+              "arithmetic.", ""]
+  head = "| cache slots | ms/step | MB read/step | time ratio | bytes ratio |"
+  rule = "|---|---|---|---|---|"
+  if read:
+    head += " read-only ms/step | read-only time ratio |"
+    rule += "---|---|"
+  lines += [head + " load |", rule + "---|"]
   for r in rows:
-    lines.append(f"| {r['cache']} | {r['ms_per_step']:.2f} | {r['bytes_per_step'] / 1e6:.1f} | "
-                 f"{r['time_ratio']:.2f} | {r['bytes_ratio']:.2f} | {r['load']:.1f} |")
+    line = (f"| {r['cache']} | {r['ms_per_step']:.2f} | {r['bytes_per_step'] / 1e6:.1f} | "
+            f"{r['time_ratio']:.2f} | {r['bytes_ratio']:.2f} |")
+    if read:
+      line += f" {r['read_ms_per_step']:.2f} | {r['read_time_ratio']:.2f} |"
+    lines.append(line + f" {r['load']:.1f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -293,6 +353,9 @@ def main(argv=None):
   ap.add_argument("--scaling-batch", type=int, default=8, help="rows B of the scaling table")
   ap.add_argument("--scaling-repeats", type=int, default=15,
                   help="interleaved rounds of the scaling table (medians)")
+  ap.add_argument("--read-floor", action=argparse.BooleanOptionalAction, default=True,
+                  help="time a read-only-attention decode beside each cache length of the "
+                       "scaling table (the cost of reading the same bytes)")
   args = ap.parse_args(argv)
   points = [Point.parse(p) for p in args.points]  # bad input fails before any compile
   try:
@@ -319,7 +382,8 @@ def main(argv=None):
   scale_rows = []
   if args.scaling:
     shape = dict(prompt=16, new=64, batch=args.scaling_batch, layers=8)
-    scale_rows = scaling(args.scaling, repeats=args.scaling_repeats, **shape)
+    scale_rows = scaling(args.scaling, repeats=args.scaling_repeats,
+                         read_floor=args.read_floor, **shape)
     md += scaling_markdown(scale_rows, **shape)
   print(md)
   if args.out:
