@@ -9,6 +9,8 @@ tunix is an optional, benchmark-only dependency; keep it out of the project's en
     /work/venvs/tunix/bin/python benchmarks/peer_tunix.py --out benchmarks/results/peer_tunix.md
 
 (``--system-site-packages`` reuses the project's jax/flax, so both samplers run on the same jax.)
+The project-only time-vs-cache-length table (``scaling``) needs no tunix:
+``python benchmarks/peer_tunix.py --points --out /tmp/scaling.md`` (a bare ``--points``).
 
 What runs, per point (cache slots S, prompt P, new tokens T, batch B, layers L):
 
@@ -344,8 +346,9 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--points", nargs="+", default=list(DEFAULT_POINTS),
-                  help="S:P:T:B:L (cache slots, prompt, new tokens, batch, layers)")
+  ap.add_argument("--points", nargs="*", default=list(DEFAULT_POINTS),
+                  help="S:P:T:B:L (cache slots, prompt, new tokens, batch, layers); none "
+                       "(a bare --points): only the scaling table, which needs no tunix")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--out", default=None, help="write a markdown table here (and .json beside)")
   ap.add_argument("--scaling", nargs="*", type=int, default=[128, 256, 512, 1024, 2048],
@@ -358,13 +361,23 @@ def main(argv=None):
                        "scaling table (the cost of reading the same bytes)")
   args = ap.parse_args(argv)
   points = [Point.parse(p) for p in args.points]  # bad input fails before any compile
-  try:
-    import tunix  # noqa: F401
-    from importlib.metadata import version
-    tunix_version = version("google-tunix")
-  except ImportError as e:
-    raise SystemExit(f"tunix is not importable ({e}); see this file's docstring to install it "
-                     "into a separate venv") from None
+  shape = dict(prompt=16, new=64, batch=args.scaling_batch, layers=8)
+  if not points and not args.scaling:
+    raise SystemExit("nothing to run: give --points or --scaling lengths")
+  too_short = [s for s in args.scaling if s < shape["prompt"] + shape["new"]]
+  if too_short:
+    raise SystemExit(f"--scaling {too_short}: a cache needs at least P + T = "
+                     f"{shape['prompt'] + shape['new']} slots")
+  tunix_version = None
+  if points:
+    try:
+      import tunix  # noqa: F401
+      from importlib.metadata import version
+      tunix_version = version("google-tunix")
+    except ImportError as e:
+      raise SystemExit(f"tunix is not importable ({e}); see this file's docstring to install "
+                       "it into a separate venv, or run only the scaling table (a bare "
+                       "--points)") from None
   import flax
   meta = {"tunix": tunix_version, "jax": jax.__version__, "flax": flax.__version__,
           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
@@ -378,10 +391,11 @@ def main(argv=None):
           f"(project {row['results']['project']['decode_s']:.3f}s, "
           f"tunix {row['results']['tunix']['decode_s']:.3f}s), prefill ratio "
           f"{row['ratio']['prefill_s']:.2f}, load {row['load_before'][0]:.1f}", flush=True)
-  md = to_markdown(rows, meta)
+  md = to_markdown(rows, meta) if rows else (
+      f"# The project's text decode vs cache length\n\nMachine: {meta['machine']}; jax "
+      f"{meta['jax']}, flax {meta['flax']}; {meta['date']}.\n")
   scale_rows = []
   if args.scaling:
-    shape = dict(prompt=16, new=64, batch=args.scaling_batch, layers=8)
     scale_rows = scaling(args.scaling, repeats=args.scaling_repeats,
                          read_floor=args.read_floor, **shape)
     md += scaling_markdown(scale_rows, **shape)

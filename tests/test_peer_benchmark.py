@@ -1,5 +1,9 @@
 """benchmarks/peer_tunix.py's project-only parts (no tunix needed): the scaling table and its
 read-only reference decode."""
+import json
+import re
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,3 +74,27 @@ def test_a_decode_compiled_in_the_read_only_context_keeps_the_stand_in():
   model = peer_tunix.Project(point, tokens, mask, min_window=0)
   np.testing.assert_array_equal(logprobs(read), read_first)
   assert not np.allclose(logprobs(model), read_first)
+
+
+def test_the_scaling_table_alone_runs_without_tunix(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tunix", None)  # importing tunix would fail
+  out = tmp_path / "scaling.md"
+  peer_tunix.main(["--points", "--scaling", "96", "--scaling-batch", "1", "--scaling-repeats",
+                   "1", "--out", str(out)])
+  md = out.read_text()
+  assert "vs cache length" in md and "\n| 96 |" in md and "read-only ms/step" in md
+  saved = json.loads(out.with_suffix(".json").read_text())
+  assert saved["meta"]["tunix"] is None and saved["rows"] == []
+  assert [r["cache"] for r in saved["scaling"]] == [96]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--points", "--scaling"], "nothing to run"),
+    (["--points", "--scaling", "40"], "at least P + T = 80"),
+    (["--points", "97:32:64:8"], "not S:P:T:B:L"),
+    (["--scaling"], "tunix is not importable"),
+])
+def test_bad_arguments_stop_before_any_compile(argv, message, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tunix", None)
+  with pytest.raises(SystemExit, match=re.escape(message)):
+    peer_tunix.main(argv)
