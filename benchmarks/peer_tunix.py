@@ -68,6 +68,10 @@ class Point:
   batch: int
   layers: int
 
+  def __post_init__(self):
+    if self.cache < self.prompt + self.new:
+      raise ValueError(f"S={self.cache} slots cannot hold P + T = {self.prompt + self.new}")
+
   @classmethod
   def parse(cls, text_: str) -> "Point":
     """``S:P:T:B:L``, e.g. ``1024:16:64:8:8``."""
@@ -75,9 +79,10 @@ class Point:
       s, p, t, b, n = (int(x) for x in text_.split(":"))
     except ValueError:
       raise SystemExit(f"--points: {text_!r} is not S:P:T:B:L (five integers)") from None
-    if s < p + t:
-      raise SystemExit(f"--points {text_}: S={s} slots cannot hold P + T = {p + t}")
-    return cls(s, p, t, b, n)
+    try:
+      return cls(s, p, t, b, n)
+    except ValueError as e:
+      raise SystemExit(f"--points {text_}: {e}") from None
 
   @property
   def label(self) -> str:
@@ -267,10 +272,11 @@ def scaling(caches: list[int], prompt: int, new: int, batch: int, layers: int,
   for runner in runners.values():
     for _ in range(2):
       runner.run()
-  order = list(runners)
+  order = list(runners)  # each length's runners side by side
+  per_length = len(order) // len(caches)
   times = {key: [] for key in runners}
   for i in range(repeats):
-    shift = i * (2 if read_floor else 1) % len(order)
+    shift = i * per_length % len(order)
     for key in order[shift:] + order[:shift]:
       times[key].append(runners[key].run()[1])
   rows = []
@@ -364,10 +370,11 @@ def main(argv=None):
   shape = dict(prompt=16, new=64, batch=args.scaling_batch, layers=8)
   if not points and not args.scaling:
     raise SystemExit("nothing to run: give --points or --scaling lengths")
-  too_short = [s for s in args.scaling if s < shape["prompt"] + shape["new"]]
-  if too_short:
-    raise SystemExit(f"--scaling {too_short}: a cache needs at least P + T = "
-                     f"{shape['prompt'] + shape['new']} slots")
+  for s in args.scaling:
+    try:
+      Point(s, **shape)
+    except ValueError as e:
+      raise SystemExit(f"--scaling {s}: {e}") from None
   tunix_version = None
   if points:
     try:

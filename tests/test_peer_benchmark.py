@@ -90,11 +90,19 @@ def test_the_scaling_table_alone_runs_without_tunix(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["--points", "--scaling"], "nothing to run"),
-    (["--points", "--scaling", "40"], "at least P + T = 80"),
+    (["--points", "--scaling", "40"], "--scaling 40: S=40 slots cannot hold P + T = 80"),
+    (["--points", "40:32:16:8:8"], "--points 40:32:16:8:8: S=40 slots cannot hold P + T = 48"),
     (["--points", "97:32:64:8"], "not S:P:T:B:L"),
     (["--scaling"], "tunix is not importable"),
 ])
 def test_bad_arguments_stop_before_any_compile(argv, message, monkeypatch):
   monkeypatch.setitem(sys.modules, "tunix", None)
+
+  def must_not_run(*args, **kwargs):
+    raise AssertionError("a benchmark started despite bad arguments")
+
+  monkeypatch.setattr(peer_tunix, "compare", must_not_run)
+  monkeypatch.setattr(peer_tunix, "scaling", must_not_run)
+  monkeypatch.setattr(peer_tunix, "Project", must_not_run)
   with pytest.raises(SystemExit, match=re.escape(message)):
     peer_tunix.main(argv)
