@@ -1,6 +1,6 @@
 """Load time and peak host memory of ``load_bagel`` on a BAGEL-format directory.
 
-    python -m unigrpo_jax.models.tiny_bagel /tmp/bagel_1b --size 1b
+    python -m unigrpo_jax.testing.tiny_bagel /tmp/bagel_1b --size 1b
     python benchmarks/bagel_load.py /tmp/bagel_1b --dtype bfloat16 [--image_size 64] [--mesh]
 
 Prints one JSON line: seconds to load (config + headers + every tensor, placed), the bytes read,
@@ -36,8 +36,8 @@ def main():
   import jax
   from flax import nnx
   from unigrpo_jax import parallel
-  from unigrpo_jax.models.pretrained import load_bagel
-  from unigrpo_jax.models.unified import count_params
+  from unigrpo_jax.models.unified.loading import load_bagel
+  from unigrpo_jax.models.unified.model import count_params
   mesh = parallel.make_mesh(data=1, fsdp=-1, tensor=1) if args.mesh else None
   jax.numpy.zeros(1).block_until_ready()  # backend up before the baseline
   base = rss_mb()

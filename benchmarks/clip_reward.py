@@ -35,7 +35,7 @@ def write_random_clip(name: str, directory: str, seed: int = 0) -> str:
   """An HF CLIPModel directory with random weights of preset `name` (skipped if present)."""
   from safetensors.numpy import save_file
 
-  from unigrpo_jax.models.clip_loading import abstract_model, read_config
+  from unigrpo_jax.models.clip.weights import abstract_model, read_config
   if os.path.isfile(os.path.join(directory, "model.safetensors")):
     return directory
   (vd, vl, vh, vm, patch, image), (td, tl, th, tm), proj = PRESETS[name]

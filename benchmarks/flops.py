@@ -32,8 +32,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from unigrpo_jax.models.config import ModelConfig
-from unigrpo_jax.sampling.text import attention_windows
+from unigrpo_jax.models.unified.config import ModelConfig
+from unigrpo_jax.rollout.text import attention_windows
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,8 @@ import argparse
 import os
 import resource
 import time
+from unigrpo_jax.models.flux_vae import autoencoder as flux_autoencoder, weights as flux_weights
+from unigrpo_jax.testing.flux_vae_fixture import write_random_flux_ae
 
 
 def _rss_mb() -> float:
@@ -37,17 +39,17 @@ def main():
 
   import jax
   import numpy as np
-  from unigrpo_jax.models import flux_vae as fv
+  from unigrpo_jax.models.flux_vae import model as fv
 
   if args.mode == "write":
     t0 = time.perf_counter()
-    path = fv.write_random_flux_ae(args.path.rstrip("/") + "/")
+    path = write_random_flux_ae(args.path.rstrip("/") + "/")
     print(f"wrote {path}: {os.path.getsize(path) / 1e6:.1f} MB in {time.perf_counter() - t0:.1f}s")
     return
   jax.numpy.zeros(1).block_until_ready()     # backend up before the baseline
   base = _rss_mb()
   t0 = time.perf_counter()
-  ae = fv.load_flux_vae(args.path, dtype=args.dtype)
+  ae = flux_weights.load_flux_vae(args.path, dtype=args.dtype)
   jax.block_until_ready(ae.state)
   load_s = time.perf_counter() - t0
   n = sum(x.size for x in jax.tree.leaves(ae.state))

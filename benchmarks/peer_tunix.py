@@ -53,8 +53,10 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks import flops  # noqa: E402
-from unigrpo_jax.models import UnifiedModel, attention, get_preset  # noqa: E402
-from unigrpo_jax.sampling import text  # noqa: E402
+from unigrpo_jax.models.unified.model import UnifiedModel  # noqa: E402
+from unigrpo_jax.models.unified import attention
+from unigrpo_jax.models.unified.config import get_preset
+from unigrpo_jax.rollout import text  # noqa: E402
 
 SHAPES = dict(vocab_size=4096, hidden=256, num_heads=8, num_kv_heads=2, mlp_dim=1024)
 

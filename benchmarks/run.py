@@ -41,14 +41,20 @@ from flax import nnx  # noqa: E402
 from benchmarks import flops as fl  # noqa: E402
 from benchmarks import probes  # noqa: E402
 from configs import shapes_cpu  # noqa: E402
+from unigrpo_jax.models.unified.model import UnifiedModel
 from unigrpo_jax import parallel  # noqa: E402
 from unigrpo_jax.data.tokenizer import Tokenizer  # noqa: E402
-from unigrpo_jax.models import PatchAutoencoder, count_params, get_preset  # noqa: E402
+from unigrpo_jax.models.autoencoder import PatchAutoencoder  # noqa: E402
+from unigrpo_jax.models.unified.model import count_params
+from unigrpo_jax.models.unified.config import get_preset
 from unigrpo_jax.rl import train_step as ts  # noqa: E402
-from unigrpo_jax.sampling import flow, text as text_sampling  # noqa: E402
-from unigrpo_jax.sampling.rollout import make_rollout, reasoning_context  # noqa: E402
-from unigrpo_jax.sampling.trajectory import Trajectory, WindowRecord  # noqa: E402
+from unigrpo_jax.rollout import flow, text as text_sampling  # noqa: E402
+from unigrpo_jax.rollout.program import make_rollout, reasoning_context  # noqa: E402
+from unigrpo_jax.rollout.trajectory import Trajectory, WindowRecord  # noqa: E402
 from unigrpo_jax.trainers import unigrpo  # noqa: E402
+from unigrpo_jax.data.shapeworld.world import shapeworld_tokenizer
+from unigrpo_jax.trainers import build
+from unigrpo_jax.rl import objective
 
 FIRST_WORD_ID = 7  # ids below are the tokenizer's special tokens
 # XLA's FLOP count is taken after the HLO passes; skipping the CPU backend's LLVM optimisations
@@ -85,21 +91,21 @@ class Setup:
 def build_setup(preset: str, dtype: str, reps: dict, **model_overrides) -> Setup:
   """Model (random init, one device) + rollout / objective / optimizer configs of shapes_cpu."""
   config = shapes_cpu.get_config()
-  tokenizer = Tokenizer.for_shapeworld()
+  tokenizer = shapeworld_tokenizer()
   cfg = get_preset(preset, dtype=dtype, param_dtype=config.model.param_dtype, **model_overrides)
   mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  graphdef, state = parallel.create_sharded_model(cfg, 0, mesh)
+  graphdef, state = parallel.create_sharded_model(cfg, 0, mesh, model_fn=UnifiedModel)
   # A stop id outside the vocabulary is never sampled: every row decodes all T tokens.
-  rcfg = dataclasses.replace(unigrpo.rollout_config(config, tokenizer), stop_id=cfg.vocab_size)
-  return Setup(preset, cfg, graphdef, state, rcfg, unigrpo.objective_config(config, tokenizer),
-               unigrpo.optim_config(config), mesh, config.rollout.prompts_per_batch,
+  rcfg = dataclasses.replace(build.rollout_config(config, tokenizer), stop_id=cfg.vocab_size)
+  return Setup(preset, cfg, graphdef, state, rcfg, build.objective_config(config, tokenizer),
+               build.optim_config(config), mesh, config.rollout.prompts_per_batch,
                config.data.max_prompt_len, reps)
 
 
 def random_prompts(setup: Setup, key):
   """[Bp, P] word ids of the tokenizer's vocabulary, all slots valid."""
   tok = jax.random.randint(key, (setup.prompts, setup.prompt_len), FIRST_WORD_ID,
-                           Tokenizer.for_shapeworld().vocab_size, jnp.int32)
+                           shapeworld_tokenizer().vocab_size, jnp.int32)
   return tok, jnp.ones(tok.shape, bool)
 
 
@@ -232,7 +238,7 @@ def synthetic_trajectory(cfg, rcfg, rows: int, prompt_len: int, key) -> Trajecto
       x_t=x_t, x_next=x_t + 0.1 * jax.random.normal(keys[1], x_t.shape), mean=x_t,
       std=jnp.full((rows, k), 0.1), t=row_k(grid[:k]), t_next=row_k(grid[1:k + 1]),
       logp=jnp.zeros((rows, k)), step_index=row_k(jnp.arange(k, dtype=jnp.int32)))
-  vocab = Tokenizer.for_shapeworld().vocab_size
+  vocab = shapeworld_tokenizer().vocab_size
   return Trajectory(
       prompt_tokens=jax.random.randint(keys[2], (rows, prompt_len), FIRST_WORD_ID, vocab),
       prompt_mask=jnp.ones((rows, prompt_len), bool),
@@ -284,7 +290,7 @@ def xla_minibatch_flops(setup: Setup, traj: Trajectory) -> float:
   param_part, rest = ts.split_params(setup.state)
 
   def grads(p, rest, ref, mb, adv):
-    objective = lambda q: ts.loss_fn(nnx.merge_state(q, rest), ref, setup.graphdef, mb, adv,
+    objective = lambda q: objective.loss_fn(nnx.merge_state(q, rest), ref, setup.graphdef, mb, adv,
                                      setup.ocfg)
     return jax.value_and_grad(objective, has_aux=True)(p)
 

@@ -5,9 +5,9 @@
 
 ``init_checkpoint`` is the downloaded BAGEL directory (``llm_config.json``, ``ema.safetensors``,
 ``tokenizer.json``, ``ae.safetensors``): the model is loaded with
-``models.pretrained.load_bagel`` straight into the FSDP mesh (ViT / connector skipped), the
+``models.unified.loading.load_bagel`` straight into the FSDP mesh (ViT / connector skipped), the
 tokenizer is the directory's, and the image block follows BAGEL's layout. Export the trained
-weights back with ``models.pretrained.save_bagel``.
+weights back with ``models.unified.export.save_bagel``.
 """
 from unigrpo_jax import config_defaults
 

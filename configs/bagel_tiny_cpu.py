@@ -6,7 +6,7 @@ Exercises what ``configs/bagel_7b.py`` runs on BAGEL-7B-MoT, at toy size: ``load
 prompt files, and a pixel reward (JPEG size). The weights are random: the run checks plumbing and
 on-policy consistency (``train/onpolicy/*``), not learning. Two commands:
 
-    python -m unigrpo_jax.models.tiny_bagel /tmp/bagel_tiny
+    python -m unigrpo_jax.testing.tiny_bagel /tmp/bagel_tiny
     python -m unigrpo_jax.main --config=configs/bagel_tiny_cpu.py \
         --config.init_checkpoint=/tmp/bagel_tiny --workdir=/tmp/runs/bagel_tiny_cpu
 """

@@ -11,3 +11,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long tests, deselected by default (-m slow to run)")
+
+# Tests live in folders that mirror the package; their shared helpers (local_server.py, the
+# multihost config) stay here, importable from every folder.
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -19,28 +19,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from unigrpo_jax.models.config import ModelConfig
+from unigrpo_jax.models.unified import layout as layer_layout
+from unigrpo_jax.models.unified.config import ModelConfig
+from unigrpo_jax.paths import resolve_path
 
-PACKAGE_PREFIX = "package://"
-ASSETS_DIR = os.path.join(os.path.dirname(__file__), "assets")
 
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, unreadable, or does not fit the model."""
 
 
-def resolve_path(path: str) -> str:
-  """``package://NAME`` -> the asset shipped inside this package; other paths unchanged."""
-  if path.startswith(PACKAGE_PREFIX):
-    return os.path.join(ASSETS_DIR, path[len(PACKAGE_PREFIX):])
-  return os.path.abspath(os.path.expanduser(path))
-
-
 def save_model(path: str, params: nnx.State, model_cfg: ModelConfig, tokenizer_json: str,
                extra: Optional[dict] = None) -> None:
   """Writes ``path/meta.json`` and ``path/params.msgpack`` (float32 values, per-layer layout
-  whatever ``model_cfg.scan_layers``: see ``models/layer_layout.py``)."""
-  from unigrpo_jax.models import layer_layout
+  whatever ``model_cfg.scan_layers``: see ``models/unified/layout.py``)."""
   params = layer_layout.convert_state(params, model_cfg, scan_layers=False)
   os.makedirs(path, exist_ok=True)
   pure = jax.tree.map(lambda a: np.asarray(a, np.float32), params.to_pure_dict())

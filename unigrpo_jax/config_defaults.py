@@ -115,11 +115,10 @@ def base() -> ml_collections.ConfigDict:
   c.reward_models.clip_dir = ""
   c.reward_models.clip_processor_dir = ""
   c.reward_models.batch_size = 32  # images per jitted reward call
-  # Rewards served over HTTP, one entry per reward name (keys: rewards.remote.entry_defaults).
-  from unigrpo_jax.rewards.remote import entry_defaults
+  # Rewards served over HTTP, one entry per reward name (keys: remote_reward_defaults below).
   c.remote_rewards = ml_collections.ConfigDict()
-  c.remote_rewards.vlm_judge = entry_defaults("vlm_judge")  # needs .url and .model
-  c.remote_rewards.geneval = entry_defaults("geneval")  # needs .url (a GenEval-detector server)
+  c.remote_rewards.vlm_judge = remote_reward_defaults("vlm_judge")  # needs .url and .model
+  c.remote_rewards.geneval = remote_reward_defaults("geneval")  # needs .url (a GenEval-detector server)
 
   # Multi-process runs (unigrpo_jax/distributed.py, docs/multihost.md): '' = one process;
   # 'auto' = JAX detects the cluster (Cloud TPU VM slice); 'host:port' = process 0's address.
@@ -154,6 +153,43 @@ def base() -> ml_collections.ConfigDict:
   c.sft.grad_clip = 1.0
   c.sft.image_loss_weight = 1.0
   c.sft.wrong_reasoning_prob = 0.3
-  c.sft.layout_seed = 0  # -1: random layouts (see data/sft_examples.py)
+  c.sft.layout_seed = 0  # -1: random layouts (see data/shapeworld/sft_examples.py)
   c.sft.save_every = 250
   return c
+
+
+# ------------------------------------------------------------------ remote rewards
+REMOTE_REWARD_KINDS = ("protocol", "geneval", "vlm_judge")
+VLM_JUDGE_TEMPLATE = (
+    "You are judging an AI-generated image against its prompt.\n"
+    "Prompt: \"{prompt}\"\n"
+    "Rate how faithfully and how well the image depicts the prompt on a scale from 0 to 10. "
+    "Answer with one line of the form 'Score: N' and nothing else.")
+VLM_JUDGE_PATTERN = r"(?i)\bscore\s*[:=]\s*(-?\d+(?:\.\d+)?)"
+
+
+def remote_reward_defaults(kind: str = "protocol") -> ml_collections.ConfigDict:
+  """The keys of one ``config.remote_rewards.<name>`` entry, with defaults (the client is
+  ``rewards/remote/client.py``)."""
+  if kind not in REMOTE_REWARD_KINDS:
+    raise ValueError(f"remote reward kind {kind!r} is not one of {REMOTE_REWARD_KINDS}")
+  e = ml_collections.ConfigDict()
+  e.kind = kind
+  e.url = ""  # e.g. http://10.0.0.5:8000/score; required when the reward has a weight
+  e.token_env = ""  # name of an env var holding a bearer token; "" = no Authorization header
+  e.timeout_s = 120.0  # per request
+  e.total_timeout_s = 600.0  # per chunk, all attempts and backoffs together; <= 0: no limit
+  e.retries = 3  # extra attempts after a connection error, timeout or 5xx
+  e.backoff_s = 1.0  # wait before retry k is backoff_s * 2**k
+  e.chunk_size = 16  # images per request (vlm_judge: always 1)
+  e.max_in_flight = 4  # concurrent requests
+  e.max_response_bytes = 1 << 20
+  if kind == "vlm_judge":  # the OpenAI-compatible judge (rewards/remote/vlm_judge.py)
+    e.model = ""  # the served model name the endpoint expects, e.g. Qwen/Qwen2.5-VL-7B-Instruct
+    e.template = VLM_JUDGE_TEMPLATE  # must contain {prompt}
+    e.score_pattern = VLM_JUDGE_PATTERN  # regex; group 1 is the score
+    e.score_min = 0.0
+    e.score_max = 10.0
+    e.max_tokens = 64
+    e.max_failed_fraction = 0.1  # unparsable replies tolerated per batch
+  return e

@@ -89,7 +89,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
 def validate_rewards(c: ml_collections.ConfigDict) -> None:
   """Reward names, weights and the remote entries they use (URL, token env var, judge fields).
   Contacts no server."""
-  from unigrpo_jax.rewards import registry, remote
+  from unigrpo_jax.rewards import registry
+  from unigrpo_jax.rewards.remote import client as remote
   remotes = c.get("remote_rewards") or {}
   known = sorted(set(registry.available()) | set(remotes))
   for name, w in c.rewards.items():

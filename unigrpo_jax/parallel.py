@@ -1,7 +1,7 @@
 """Device mesh and logical-axis sharding rules.
 
 The model annotates every parameter with *logical* axis names (``vocab``, ``embed``, ``mlp``,
-``heads``, ``kv_heads``, ``head_dim``, ``latent``, ``norm``; see ``models/layers.py``). A list of
+``heads``, ``kv_heads``, ``head_dim``, ``latent``, ``norm``; see ``models/unified/layers.py``). A list of
 rules maps each logical name onto zero, one or several *mesh* axes of a 3-D mesh
 ``("data", "fsdp", "tensor")``:
 
@@ -171,19 +171,16 @@ def state_shardings(abstract_state, mesh: Mesh, rules: Optional[Rules] = None):
       logical, abstract_state, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def create_sharded_model(cfg, seed: int, mesh: Mesh, rules: Optional[Rules] = None,
-                         model_fn: Optional[Callable] = None, compiler_options=None):
-  """Builds ``UnifiedModel(cfg, nnx.Rngs(seed))`` directly in its final sharding.
+def create_sharded_model(cfg, seed: int, mesh: Mesh, rules: Optional[Rules] = None, *,
+                         model_fn: Callable, compiler_options=None):
+  """Builds ``model_fn(cfg, nnx.Rngs(seed))`` (e.g. ``UnifiedModel``) directly in its final sharding.
 
   Returns ``(graphdef, state)``: ``state`` is the FULL model state (Params plus the constant
   non-param Variables, if any), so ``nnx.merge(graphdef, state)`` rebuilds the model. The init
   runs under ``jax.jit(out_shardings=...)`` so no device ever holds an unsharded copy.
-  ``model_fn(cfg, rngs)`` replaces the model class; ``compiler_options`` go to that jit.
+  ``model_fn`` is a parameter so that this module knows no model; ``compiler_options`` go to
+  that jit.
   """
-  if model_fn is None:
-    from unigrpo_jax.models.unified import UnifiedModel  # local: keep parallel.py model-free
-    model_fn = UnifiedModel
-
   def init():
     return nnx.split(model_fn(cfg, nnx.Rngs(seed)))[1]
 

@@ -2,7 +2,7 @@
 
 Everything is abstract: the model is ``nnx.eval_shape``d (no weights), the train state, reference
 and batch are ShapeDtypeStructs carrying the trainer's shardings, and the mesh is laid over the
-slice's compile-only devices. The two programs are the trainer's own (``unigrpo.build_programs``),
+slice's compile-only devices. The two programs are the trainer's own (``build.build_programs``),
 so what compiles and fits here is what ``python -m unigrpo_jax.main`` would run.
 """
 from __future__ import annotations
@@ -18,23 +18,26 @@ from flax import nnx
 from unigrpo_jax import checkpointing, config_validation, parallel
 from unigrpo_jax.aot import memory, topology
 from unigrpo_jax.data.tokenizer import Tokenizer
-from unigrpo_jax.models import PatchAutoencoder, UnifiedModel, attention, count_params
+from unigrpo_jax.models.autoencoder import PatchAutoencoder
+from unigrpo_jax.models.unified.model import UnifiedModel, count_params
+from unigrpo_jax.models.unified import attention
 from unigrpo_jax.rl.train_step import abstract_train_state
-from unigrpo_jax.trainers import setup, unigrpo
+from unigrpo_jax.trainers import build, unigrpo
+from unigrpo_jax.data.shapeworld.world import shapeworld_tokenizer
 
 PROGRAMS = ("rollout", "train_step")
 PLANNING_MFU = 0.4  # the README's "seconds per step" assume 40 % of peak
 
 
 def _model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
-  """The model's shapes, as ``setup.model_and_params`` gives them, without reading weights."""
-  if config.init_checkpoint and not setup.is_bagel_dir(config.init_checkpoint):
-    runtime = {k: config.model[k] for k in setup.RUNTIME_FIELDS if k in config.model}
+  """The model's shapes, as ``build.model_and_params`` gives them, without reading weights."""
+  if config.init_checkpoint and not build.is_bagel_dir(config.init_checkpoint):
+    runtime = {k: config.model[k] for k in build.RUNTIME_FIELDS if k in config.model}
     cfg = checkpointing.model_config_from_meta(checkpointing.read_meta(config.init_checkpoint),
                                                **runtime)
     return cfg.replace(attention_impl=attention.resolve_impl(cfg.attention_impl, "tpu",
                                                              cfg.compute_dtype))
-  return setup.model_and_params(config, tokenizer, platform="tpu")[0]  # TPU attention kernels
+  return build.model_and_params(config, tokenizer, platform="tpu")[0]  # TPU attention kernels
 
 
 def _autoencoder(model_cfg):
@@ -43,7 +46,8 @@ def _autoencoder(model_cfg):
   gives them, no values), so the rollout's figures include decoding every row's image."""
   if model_cfg.vae_downsample == 1:
     return PatchAutoencoder.for_model(model_cfg), "pixel patches (as the trainer)"
-  from unigrpo_jax.models.flux_vae import FluxAutoencoder, FluxVAE, FluxVAEConfig
+  from unigrpo_jax.models.flux_vae.autoencoder import FluxAutoencoder
+  from unigrpo_jax.models.flux_vae.model import FluxVAE, FluxVAEConfig
   vae_cfg = FluxVAEConfig(z_channels=model_cfg.image_channels)
   if vae_cfg.downsample != model_cfg.vae_downsample:
     raise ValueError(f"the model's latents are {model_cfg.vae_downsample}x down; the FLUX VAE "
@@ -150,12 +154,12 @@ def plan(config: ml_collections.ConfigDict, topology_name: str,
   for name in programs:
     if name not in PROGRAMS:
       raise ValueError(f"unknown program {name!r}; known: {PROGRAMS}")
-  tokenizer = Tokenizer.for_shapeworld()
+  tokenizer = shapeworld_tokenizer()
   model_cfg = _model_config(config, tokenizer)
-  rcfg = unigrpo.rollout_config(config, tokenizer)
-  ocfg, optcfg = unigrpo.objective_config(config, tokenizer), unigrpo.optim_config(config)
+  rcfg = build.rollout_config(config, tokenizer)
+  ocfg, optcfg = build.objective_config(config, tokenizer), build.optim_config(config)
   devices = topology.devices(topo)
-  mesh, rules = unigrpo.mesh_and_rules(config, devices)
+  mesh, rules = build.mesh_and_rules(config, devices)
   bp = config.rollout.prompts_per_batch
   rows = bp * config.rollout.group_size
   n_mb = config.optim.num_minibatches * config.optim.grad_accum
@@ -170,7 +174,7 @@ def plan(config: ml_collections.ConfigDict, topology_name: str,
   params_abstract = _with_sharding(abstract, parallel.state_shardings(abstract, mesh, rules))
   state_abstract = abstract_train_state(params_abstract, ocfg, optcfg, mesh, rules)
   autoencoder, autoencoder_note = _autoencoder(model_cfg)
-  progs = unigrpo.build_programs(config, graphdef, params_abstract, model_cfg, mesh, rules,
+  progs = build.build_programs(config, graphdef, params_abstract, model_cfg, mesh, rules,
                                  rcfg, ocfg, optcfg, autoencoder)
   args = abstract_inputs(config, progs, params_abstract, state_abstract, ocfg, mesh)
   analytic = _analytic(config, model_cfg, ocfg)

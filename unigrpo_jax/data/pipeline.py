@@ -21,8 +21,11 @@ from typing import Optional, Sequence
 import grain
 import numpy as np
 
-from unigrpo_jax.data import shapeworld as sw
+from unigrpo_jax.data.shapeworld import world as sw
+from unigrpo_jax.data import geneval
 from unigrpo_jax.data.tokenizer import Tokenizer
+from unigrpo_jax.paths import resolve_path  # package:// -> shipped assets
+from unigrpo_jax.data.shapeworld.world import shapeworld_tokenizer
 
 SPLITS = ("train", "test")
 TEST_PERCENT = 15
@@ -101,11 +104,10 @@ class PromptFileSource:
 
   def __init__(self, path: str | os.PathLike, tokenizer: Optional[Tokenizer] = None, *,
                free_text: bool = False):
-    from unigrpo_jax.checkpointing import resolve_path  # package:// -> shipped assets
     self.path = resolve_path(os.fspath(path)) if os.fspath(path).startswith("package://") \
         else os.fspath(path)
     self.free_text = free_text
-    tok = tokenizer or Tokenizer.for_shapeworld()
+    tok = tokenizer or shapeworld_tokenizer()
     with open(self.path) as f:
       lines = f.read().splitlines()
     if not lines:
@@ -171,7 +173,6 @@ class PromptFileSource:
 def _line_metadata(d: dict, where: str) -> dict:
   """The metadata of a spec-less JSON prompt line: its "metadata" object, or the line itself
   when it is a GenEval line (has "tag" and "include"; validated)."""
-  from unigrpo_jax.rewards import geneval
   if "metadata" in d:
     if not isinstance(d["metadata"], dict):
       raise ValueError(f"{where}: 'metadata' must be a JSON object")

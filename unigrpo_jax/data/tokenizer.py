@@ -54,12 +54,6 @@ class Tokenizer:
     self._stoi = {w: i for i, w in enumerate(self._itos)}
     self._special_ids = frozenset(range(len(SPECIAL_TOKENS)))
 
-  @classmethod
-  def for_shapeworld(cls) -> "Tokenizer":
-    """Deterministic vocabulary: every word the ShapeWorld grammar can produce."""
-    from unigrpo_jax.data.shapeworld import vocabulary
-    return cls(vocabulary())
-
   # -- ids
   pad_id = property(lambda self: self._stoi["<pad>"])
   bos_id = property(lambda self: self._stoi["<bos>"])

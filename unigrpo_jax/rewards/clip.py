@@ -1,8 +1,8 @@
 """CLIP-family rewards in JAX: ``pickscore`` and ``clip_score``, on the policy's devices.
 
 Both score each image against its own prompt with a CLIP model loaded from an HF ``CLIPModel``
-directory (models/clip_loading.py), its tokenizer.json and preprocessor_config.json
-(models/clip_processor.py). With cos = cos_sim(image_embedding, text_embedding):
+directory (models/clip/weights.py), its tokenizer.json and preprocessor_config.json
+(models/clip/processor.py). With cos = cos_sim(image_embedding, text_embedding):
 
   pickscore  = exp(logit_scale) * cos / 26   as flow_grpo's PickScoreScorer (its "norm to 0-1":
                PickScore_v1's exp(logit_scale) is about 100, so raw scores ~ 18-23 map to ~0.7-0.9);
@@ -34,10 +34,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from unigrpo_jax import parallel
-from unigrpo_jax.models.clip import l2_normalize
-from unigrpo_jax.models.clip_loading import CLIPLoadError, load_clip_state
-from unigrpo_jax.models.clip_processor import (CLIPTokenizer, ImageProcessorConfig,
-                                               preprocess_images)
+from unigrpo_jax.models.clip.model import l2_normalize
+from unigrpo_jax.models.clip.weights import CLIPLoadError, load_clip_state
+from unigrpo_jax.models.clip.processor import CLIPTokenizer, ImageProcessorConfig, preprocess_images
 
 PICKSCORE_DIVISOR = 26.0  # flow_grpo/pickscore_scorer.py: "scores = scores/26  # norm to 0-1"
 CLIPSCORE_W = 2.5  # Hessel et al. 2021, CLIPScore

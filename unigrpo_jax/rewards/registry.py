@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from unigrpo_jax.data import shapeworld as sw
+from unigrpo_jax.data.shapeworld import world as sw
 from unigrpo_jax.rewards import jpeg
 from unigrpo_jax.rewards import shapeworld as sw_reward
 

@@ -25,7 +25,7 @@ from typing import Sequence, Union
 import numpy as np
 from scipy import ndimage
 
-from unigrpo_jax.data.shapeworld import COLORS, Spec
+from unigrpo_jax.data.shapeworld.world import COLORS, Spec
 
 COLOR_TOL = 60.0
 _PALETTE = np.array(list(COLORS.values()), np.float32)  # [K, 3]

@@ -22,9 +22,47 @@ weight decay would otherwise still move it), so its params stay bit-identical.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import optax
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+  """Optimizer and PPO loop. lr_und / lr_gen: AdamW learning rates of the understanding and
+  generation sides (paper 1e-6 / 3e-5); grad_clip: global-norm clip over trainable grads
+  (None or 0 disables); ppo_epochs: passes over each rollout batch; num_minibatches: optimizer
+  steps per pass; grad_accum: micro-batches per minibatch (gradients averaged); shuffle:
+  re-permute the rows every epoch."""
+  lr_und: float = 1e-6
+  lr_gen: float = 3e-5
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  grad_clip: Optional[float] = 1.0
+  ppo_epochs: int = 2
+  num_minibatches: int = 1
+  grad_accum: int = 1
+  shuffle: bool = True
+
+  def __post_init__(self):
+    for name in ("lr_und", "lr_gen", "weight_decay", "eps"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"OptimConfig.{name} must be >= 0, got {getattr(self, name)}")
+    for name in ("b1", "b2"):
+      if not 0 <= getattr(self, name) < 1:
+        raise ValueError(f"OptimConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+    if self.grad_clip is not None and self.grad_clip < 0:
+      raise ValueError(f"OptimConfig.grad_clip must be >= 0 or None, got {self.grad_clip}")
+    for name in ("ppo_epochs", "num_minibatches", "grad_accum"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"OptimConfig.{name} must be an int >= 1, got {v!r}")
+
+
 
 UND, GEN = "und", "gen"
 _UND_TOP = ("embed", "lm_head", "und_norm")

@@ -13,17 +13,18 @@ import numpy as np
 from flax import nnx
 
 from unigrpo_jax import distributed
-from unigrpo_jax.data import shapeworld as sw
+from unigrpo_jax.data.shapeworld import world as sw
 from unigrpo_jax.data.encoding import decode_reasoning, encode_prompts
 from unigrpo_jax.data.pipeline import PromptFileSource, ShapeWorldSource
 from unigrpo_jax.data.tokenizer import Tokenizer
 from unigrpo_jax import parallel
-from unigrpo_jax.models import UnifiedModel
-from unigrpo_jax.models.image import to_uint8
-from unigrpo_jax.rewards import geneval, registry
+from unigrpo_jax.models.unified.model import UnifiedModel
+from unigrpo_jax.models.autoencoder import to_uint8
+from unigrpo_jax.data import geneval
+from unigrpo_jax.rewards import registry
 from unigrpo_jax.rewards import shapeworld as sw_reward
-from unigrpo_jax.sampling.rollout import make_eval_sampler
-from unigrpo_jax.trainers import grid, setup
+from unigrpo_jax.rollout.program import make_eval_sampler
+from unigrpo_jax.trainers import grid, build
 from unigrpo_jax.trainers.metrics import MetricsLogger
 
 
@@ -32,7 +33,7 @@ def eval_source(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None =
   ``data.eval_tasks`` prompts of the ShapeWorld TEST split."""
   if config.data.eval_prompt_file:
     return PromptFileSource(config.data.eval_prompt_file, tokenizer,
-                            free_text=setup.is_bagel_dir(config.init_checkpoint))
+                            free_text=build.is_bagel_dir(config.init_checkpoint))
   return ShapeWorldSource("test", config.data.eval_tasks)
 
 
@@ -139,27 +140,27 @@ def build_evaluator(config, graphdef, model_cfg, tokenizer: Tokenizer,
                     records: Sequence[dict] | None = None, *, autoencoder=None,
                     reward_fn=None, mesh=None) -> Evaluator:
   """records: the evaluation records (``eval_records(config)`` when None); autoencoder:
-  ``setup.autoencoder_for`` when None; reward_fn: scores free-text prompts (``config.rewards``
+  ``build.autoencoder_for`` when None; reward_fn: scores free-text prompts (``config.rewards``
   when None and some prompt has no spec)."""
-  from unigrpo_jax.trainers.unigrpo import rollout_config  # one mapping config -> RolloutConfig
+  from unigrpo_jax.trainers.build import rollout_config  # one mapping config -> RolloutConfig
   records = eval_records(config, tokenizer) if records is None else records
   if autoencoder is None:
-    autoencoder = setup.autoencoder_for(config, model_cfg)
+    autoencoder = build.autoencoder_for(config, model_cfg)
   if reward_fn is None and any(not r["spec"] for r in records):
-    reward_fn = setup.reward_fn_for(config)
+    reward_fn = build.reward_fn_for(config)
   return Evaluator(graphdef, rollout_config(config, tokenizer), autoencoder, tokenizer, config,
                    records, reward_fn, mesh)
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str, save_only_samples: bool = False):
   """Evaluates ``config.init_checkpoint`` (or a fresh model) on the evaluation prompts."""
-  tokenizer = setup.tokenizer_for(config)  # a BAGEL directory brings its tokenizer.json
-  model_cfg, params = setup.model_and_params(config, tokenizer)
-  autoencoder = setup.autoencoder_for(config, model_cfg)  # before loading: errors first
+  tokenizer = build.tokenizer_for(config)  # a BAGEL directory brings its tokenizer.json
+  model_cfg, params = build.model_and_params(config, tokenizer)
+  autoencoder = build.autoencoder_for(config, model_cfg)  # before loading: errors first
   mesh = None
-  if setup.is_bagel_dir(config.init_checkpoint):
+  if build.is_bagel_dir(config.init_checkpoint):
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    graphdef, params = setup.build_params(config, model_cfg, None, mesh)
+    graphdef, params = build.build_params(config, model_cfg, None, mesh)
   else:
     graphdef, fresh = nnx.split(UnifiedModel(model_cfg, nnx.Rngs(config.seed)), nnx.Param)
     params = fresh if params is None else params

@@ -20,13 +20,15 @@ from flax import nnx
 
 from unigrpo_jax import checkpointing
 from unigrpo_jax.data.encoding import encode_prompts, encode_reasoning
-from unigrpo_jax.data.sft_examples import sample_sft_batch
+from unigrpo_jax.data.shapeworld.sft_examples import sample_sft_batch
 from unigrpo_jax.data.tokenizer import Tokenizer
-from unigrpo_jax.models import PatchAutoencoder, UnifiedModel
-from unigrpo_jax.models.image import from_uint8
-from unigrpo_jax.sampling.trajectory import context_layout, token_logprobs
-from unigrpo_jax.trainers import setup
+from unigrpo_jax.models.autoencoder import PatchAutoencoder
+from unigrpo_jax.models.unified.model import UnifiedModel
+from unigrpo_jax.models.autoencoder import from_uint8
+from unigrpo_jax.rollout.trajectory import context_layout, token_logprobs
+from unigrpo_jax.trainers import build
 from unigrpo_jax.trainers.metrics import CompileCounter, MetricsLogger, Progress
+from unigrpo_jax.data.shapeworld.world import shapeworld_tokenizer
 
 
 @flax.struct.dataclass
@@ -105,8 +107,8 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   Returns the path of the saved model directory.
   """
-  tokenizer = Tokenizer.for_shapeworld()
-  model_cfg, init_params = setup.model_and_params(config, tokenizer)
+  tokenizer = shapeworld_tokenizer()
+  model_cfg, init_params = build.model_and_params(config, tokenizer)
   model = UnifiedModel(model_cfg, nnx.Rngs(config.seed))
   graphdef, params = nnx.split(model, nnx.Param)
   if init_params is not None:
