@@ -24,5 +24,8 @@ setup(
     install_requires=_requirements(),
     # tpu: libtpu for TPU pods, and for `python -m unigrpo_jax.aot` to compile for any TPU slice
     # on a CPU machine. Pinned to the jax version of requirements.txt.
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"], "tpu": ["jax[tpu]==0.10.2"]},
+    # test: pyflakes runs the static check for undefined names
+    # (tests/integration/test_static_checks.py).
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3", "pyflakes>=3"],
+                    "tpu": ["jax[tpu]==0.10.2"]},
 )

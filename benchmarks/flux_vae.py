@@ -58,17 +58,19 @@ def main():
         f"peak {_peak_mb():.0f} MB (weights {n * np.dtype(args.dtype).itemsize / 1e6:.0f} MB)")
   x = np.random.default_rng(0).uniform(-1, 1, (args.batch, args.size, args.size, 3))
   x = x.astype(np.float32)
-  for name, fn, arg in (("encode", ae.encode, x), ("decode", ae.decode, None)):
-    arg = arg if arg is not None else z
+
+  def timed(name, fn, arg):
     times = []
     for _ in range(3):
       t0 = time.perf_counter()
       out = jax.block_until_ready(fn(arg))
       times.append(time.perf_counter() - t0)
-    if name == "encode":
-      z = out
     print(f"{name} {tuple(arg.shape)} -> {tuple(out.shape)} on {jax.devices()[0].platform}: "
           f"first call {times[0]:.2f}s (with compile), then {min(times[1:]):.2f}s")
+    return out
+
+  z = timed("encode", ae.encode, x)
+  timed("decode", ae.decode, z)
   print(f"peak RSS at the end: {_peak_mb():.0f} MB")
 
 

@@ -15,9 +15,14 @@ train step's are checked against XLA's cost analysis.
 
 The configuration is the real one (``configs/shapes_cpu.py`` through the trainer's own
 ``rollout_config`` / ``objective_config`` / ``optim_config``), with two benchmark choices: the
-weights are a random init of the preset (costs do not depend on values), and the reasoning stop id
-is one the model can never sample, so every row decodes the full ``max_reasoning_len`` (the worst
-case, and the same work every run). Tokens/s counts the tokens actually generated (mask sum).
+weights are a random init of the preset (costs do not depend on values), and the reasoning never
+stops early, so every row decodes the full ``max_reasoning_len`` (the worst case, and the same
+work every run): text is sampled from the preset's whole embedding table (``vocab_limit`` 0, in
+the rollout and the train step alike) and the stop id is the first id past that table, which the
+model can never sample. Tokens/s counts the tokens actually generated (mask sum).
+
+``--tiny`` checks that every part runs (CI: under a minute on 2 cores): the ``tiny`` preset,
+one timed run of each part, small probes, no scaling; its numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -95,11 +100,14 @@ def build_setup(preset: str, dtype: str, reps: dict, **model_overrides) -> Setup
   cfg = get_preset(preset, dtype=dtype, param_dtype=config.model.param_dtype, **model_overrides)
   mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   graphdef, state = parallel.create_sharded_model(cfg, 0, mesh, model_fn=UnifiedModel)
-  # A stop id outside the vocabulary is never sampled: every row decodes all T tokens.
-  rcfg = dataclasses.replace(build.rollout_config(config, tokenizer), stop_id=cfg.vocab_size)
-  return Setup(preset, cfg, graphdef, state, rcfg, build.objective_config(config, tokenizer),
-               build.optim_config(config), mesh, config.rollout.prompts_per_batch,
-               config.data.max_prompt_len, reps)
+  # Sampling over the whole table (vocab_limit 0) and a stop id one past it: the stop token is
+  # never sampled and every row decodes all T tokens. (The run's vocab_limit, the tokenizer's
+  # vocabulary, must exceed its stop id: RolloutConfig rejects a stop id it can never sample.)
+  rcfg = dataclasses.replace(build.rollout_config(config, tokenizer), vocab_limit=0,
+                             stop_id=cfg.vocab_size)
+  ocfg = dataclasses.replace(build.objective_config(config, tokenizer), vocab_limit=0)
+  return Setup(preset, cfg, graphdef, state, rcfg, ocfg, build.optim_config(config), mesh,
+               config.rollout.prompts_per_batch, config.data.max_prompt_len, reps)
 
 
 def random_prompts(setup: Setup, key):
@@ -290,9 +298,9 @@ def xla_minibatch_flops(setup: Setup, traj: Trajectory) -> float:
   param_part, rest = ts.split_params(setup.state)
 
   def grads(p, rest, ref, mb, adv):
-    objective = lambda q: objective.loss_fn(nnx.merge_state(q, rest), ref, setup.graphdef, mb, adv,
-                                     setup.ocfg)
-    return jax.value_and_grad(objective, has_aux=True)(p)
+    loss = lambda q: objective.loss_fn(nnx.merge_state(q, rest), ref, setup.graphdef, mb, adv,
+                                       setup.ocfg)
+    return jax.value_and_grad(loss, has_aux=True)(p)
 
   lowered = jax.jit(grads).lower(param_part, rest, ref, mb, adv)
   return float(lowered.compile(COUNT_ONLY).cost_analysis()["flops"])
@@ -357,9 +365,11 @@ def bench_scaling(setup: Setup, base: dict, dtype: str, peak: float, quick: bool
 
 # ------------------------------------------------------------------------------ report
 def bench_preset(name: str, args, peak: float, membw: float, with_scaling: bool) -> dict:
-  reps = ({"warmup": 1, "repeats": 3} if args.quick
+  reps = ({"warmup": 1, "repeats": 1} if args.tiny else {"warmup": 1, "repeats": 3} if args.quick
           else {"warmup": 2, "repeats": 5, "slow_s": 10.0})
   setup = build_setup(name, args.dtype, reps)
+  if args.tiny:  # 2 prompts x group_size rows: every part runs, compiles stay small
+    setup = dataclasses.replace(setup, prompts=2)
   rollout, traj = bench_rollout(setup, peak, membw)
   train = bench_train_step(setup, traj, peak)
   out = {"model": {"preset": name, "dtype": setup.cfg.dtype, "param_dtype": setup.cfg.param_dtype,
@@ -502,9 +512,13 @@ def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true",
                   help="shapes only, 3 timed runs, scaling at 1x/2x batch only")
+  ap.add_argument("--tiny", action="store_true",
+                  help="a smoke run that every part works (CI): the tiny preset, one timed run "
+                       "each, small probes, no scaling; the numbers mean nothing")
   ap.add_argument("--presets", default=None,
                   help="comma-separated model presets (default: shapes,shapes_large; "
-                       "--quick: shapes); the train-step scaling runs on the first one")
+                       "--quick: shapes; --tiny: tiny); the train-step scaling runs on the "
+                       "first one (not with --tiny)")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                   help="model compute dtype (and of the matmul probe); bfloat16 for GPU/TPU")
   ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -533,17 +547,20 @@ def main(argv=None) -> dict:
       pathlib.Path(args.out).write_text(json.dumps(res, indent=1, default=float))
       print(f"wrote {args.out}")
     return res
-  presets = (args.presets or ("shapes" if args.quick else "shapes,shapes_large")).split(",")
-  pk = probes.peak_matmul(jnp.dtype(args.dtype))
-  bw = probes.peak_membw()
+  default = "tiny" if args.tiny else "shapes" if args.quick else "shapes,shapes_large"
+  presets = (args.presets or default).split(",")
+  small = {"warmup": 1, "repeats": 1} if args.tiny else {}
+  pk = probes.peak_matmul(jnp.dtype(args.dtype), **small, **({"size": 256} if args.tiny else {}))
+  bw = probes.peak_membw(**small, **({"num_bytes": 2**22} if args.tiny else {}))
   log(f"peak matmul {pk['flops_per_s'] / 1e9:.1f} GFLOP/s, "
       f"membw {bw['bytes_per_s'] / 1e9:.1f} GB/s")
   res = {"machine": probes.machine_info(), "dtype": args.dtype, "quick": args.quick,
+         "tiny": args.tiny,
          "peak_matmul": pk, "peak_matmul_flops": pk["flops_per_s"], "peak_membw": bw,
          "peak_membw_bytes_s": bw["bytes_per_s"], "presets": {}}
   for i, name in enumerate(presets):
     res["presets"][name] = bench_preset(name, args, pk["flops_per_s"], bw["bytes_per_s"],
-                                        with_scaling=i == 0)
+                                        with_scaling=i == 0 and not args.tiny)
   if args.aot:
     res["aot"] = bench_aot(args.aot, args.aot_layers, args.aot_flops_check)
   res["peak_host_memory_bytes"] = probes.peak_host_memory_bytes()

@@ -16,4 +16,7 @@ def pytest_configure(config):
 # multihost config) stay here, importable from every folder.
 import sys  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+# tests/trainers/test_trainer.py (tiny_config) and tests/models/test_model.py (the module-scoped
+# model fixture) are shared by tests in other folders.
+sys.path[:0] = [_TESTS, os.path.join(_TESTS, "trainers"), os.path.join(_TESTS, "models")]

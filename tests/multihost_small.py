@@ -1,4 +1,4 @@
-"""A small UniGRPO config for the multi-process tests (tests/test_multihost.py): the shipped
+"""A small UniGRPO config for the multi-process tests (tests/integration/test_multihost.py): the shipped
 ShapeWorld warm start (so rewards and losses are not all zero), 2 prompts x 4 rows over a
 (data=2, tensor=4) mesh of 8 devices: with two processes each process holds one data shard (one
 prompt's group) and the gradients cross processes.

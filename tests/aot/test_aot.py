@@ -129,9 +129,9 @@ def test_rollout_rows_are_split_over_chips(libtpu, monkeypatch):
   peak = lambda: plan.plan(c, "v5e-8", programs=("rollout",), log=lambda m: None)[
       "programs"]["rollout"]["bytes_per_chip"]["total"]
   split = peak()
-  from unigrpo_jax.trainers import unigrpo
-  make = unigrpo.make_rollout
-  monkeypatch.setattr(unigrpo, "make_rollout", lambda *a, mesh=None, **k: make(*a, **k))
+  from unigrpo_jax.trainers import build
+  make = build.make_rollout
+  monkeypatch.setattr(build, "make_rollout", lambda *a, mesh=None, **k: make(*a, **k))
   assert peak() > 3 * split
 
 

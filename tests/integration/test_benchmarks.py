@@ -62,3 +62,16 @@ def test_decode_bytes_follow_the_cache_length_in_use():
   long = flops.decode_bytes(cfg, rows=3, prompt_len=16, reasoning_len=300, decode_steps=300)
   assert long["kv_decode_bytes"] == per_slot * (112 * 128 + 64 * 192 + 124 * 316)
   assert long["decode_total"] == 300 * long["weight_bytes_per_pass"] + long["kv_decode_bytes"]
+
+
+def test_the_benchmark_setup_never_stops_decoding_and_passes_validation():
+  """``python benchmarks/run.py --quick`` once died at once: its stop id past the vocabulary
+  failed RolloutConfig's check against the tokenizer's vocab_limit. The benchmark samples the
+  whole table (vocab_limit 0, rollout and train step alike) with the stop id one past it."""
+  from benchmarks import run as bench
+  setup = bench.build_setup("tiny", "float32", {"warmup": 1, "repeats": 1})
+  assert setup.rcfg.vocab_limit == setup.ocfg.vocab_limit == 0  # the whole embedding table
+  assert setup.rcfg.stop_id >= setup.cfg.vocab_size  # an id the model has no row for
+  assert setup.rcfg.sampling.stop_id == setup.rcfg.stop_id  # SamplingConfig accepts it too
+  args = bench.parse_args(["--tiny"])
+  assert args.tiny and not args.quick

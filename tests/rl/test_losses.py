@@ -304,3 +304,69 @@ def test_latent_kl_matches_flow_grpo_float64(num_steps):
     assert wrong / want > 5
     # CPS: the KL divides by the CPS transition std itself.
     np.testing.assert_array_equal(flow.kl_std(step_std, t32, tn32, "cps"), step_std)
+
+
+# ---- The clip decision at the bound (log space) ---------------------------------------------
+
+def _bound_points(eps):
+    """[7] float32 log-ratios around the clip band's two bounds: one ulp inside, exactly on and
+    one ulp outside each, plus 0. With eps=1e-6 all six map to the SAME float32 ratio as
+    ``1 +- eps`` (the band holds ~8 float32 ratios), which is what broke ratio-space clipping."""
+    hi, lo = np.float32(np.log1p(eps)), np.float32(np.log1p(-eps))
+    up, down = np.float32(np.inf), np.float32(-np.inf)
+    pts = [np.nextafter(hi, down), hi, np.nextafter(hi, up),
+           np.nextafter(lo, up), lo, np.nextafter(lo, down), np.float32(0.0)]
+    return np.array(pts, np.float32)
+
+
+# (position of each point) -> clipped for A > 0 / clipped for A < 0
+_OUT_HI = np.array([0, 0, 1, 0, 0, 0, 0], bool)
+_OUT_LO = np.array([0, 0, 0, 0, 0, 1, 0], bool)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.2, (1e-6, 2e-6), (0.2, 0.28)])
+@pytest.mark.parametrize("which", ["text", "flow"])
+def test_clip_gradient_at_the_bound(eps, which):
+    """d loss / d log r is the unclipped PPO gradient -r A (per element of the mean) inside and
+    exactly on the bound, and 0 just outside it in the clipped direction (PyTorch's clamp + min
+    semantics). Ratio-space jnp.clip + jnp.minimum gave 0.75 of it at eps=1e-6 (tie splits)."""
+    lo, hi = _pair(eps)
+    x_hi, x_lo = _bound_points(hi), _bound_points(lo)
+    row = np.concatenate([x_hi[:3], x_lo[3:]])  # hi-side points of eps_high, lo-side of eps_low
+    log_r = np.stack([row, row]).astype(np.float32)  # row 0: A = +1, row 1: A = -1
+    adv = np.array([1.0, -1.0], np.float32)
+    old, mask = np.zeros_like(log_r), np.ones_like(log_r)
+    if which == "text":
+        fn = lambda lr: losses.text_grpo_loss(lr, old, adv, mask, eps)
+    else:
+        fn = lambda lr: losses.flow_grpo_loss(lr, old, adv, eps)
+    (_, m), g = jax.jit(jax.value_and_grad(fn, has_aux=True))(jnp.asarray(log_r))
+    g = np.asarray(g, np.float64) * log_r.size  # undo the mean over B * N entries
+    r = np.exp(log_r.astype(np.float64))
+    clipped = np.stack([_OUT_HI, _OUT_LO])
+    want = np.where(clipped, 0.0, -r * adv[:, None])
+    np.testing.assert_allclose(g, want, rtol=1e-6, atol=0)
+    if max(lo, hi) < 1e-5:  # Flow-GRPO scale: inside / on the band, A = +1 gives -1, not -0.75
+        np.testing.assert_allclose(g[0, [0, 1, 3, 4, 6]], -1.0, atol=3e-6)
+    # Metrics decided the same way: 2 of 14 entries clipped, 4 of 14 outside the band.
+    np.testing.assert_allclose(m["clip_frac"], 2 / 14, rtol=1e-6)
+    np.testing.assert_allclose(m["ratio_out_frac"], 4 / 14, rtol=1e-6)
+
+
+def test_log_clip_bounds():
+    lo, hi = losses.log_clip_bounds((1e-6, 2e-6))
+    assert lo.dtype == np.float32 and hi.dtype == np.float32
+    assert lo == np.float32(np.log1p(-1e-6)) and hi == np.float32(np.log1p(2e-6))
+    lo, hi = losses.log_clip_bounds(10.0)  # a lower range >= 1 never binds
+    assert lo == -np.inf and hi == np.float32(np.log(11.0))
+
+
+def test_clipped_entries_have_finite_zero_gradient_even_if_ratio_overflows():
+    """A clipped entry whose exp(log r) overflows float32 still gets gradient exactly 0 (a bare
+    jnp.where / jnp.minimum gives 0 * inf = NaN in the backward pass)."""
+    log_r = jnp.asarray([[200.0, -200.0]], jnp.float32)
+    old = jnp.zeros_like(log_r)
+    g = jax.grad(lambda lr: losses.flow_grpo_loss(lr, old, jnp.ones(1), 1e-6)[0])(log_r)
+    assert np.all(np.isfinite(g)) and float(g[0, 0]) == 0.0
+    g = jax.grad(lambda lr: losses.flow_grpo_loss(lr, old, -jnp.ones(1), 1e-6)[0])(log_r)
+    assert float(g[0, 1]) == 0.0

@@ -330,10 +330,10 @@ def test_latent_kl_in_the_loss_matches_flow_grpo(world):
   obj = dataclasses.replace(BASE_OBJ, regularizer="latent_kl")
 
   def fn(p, r, b, a):
-    lay = ts.context_layout(b.prompt_tokens, b.prompt_mask, b.reasoning_tokens,
+    lay = objective.context_layout(b.prompt_tokens, b.prompt_mask, b.reasoning_tokens,
                             b.reasoning_mask, VS, PAD)
-    v = ts._forward(graphdef, p, lay, b.window, obj, compute_logits=False).velocity
-    v_ref = ts._forward(graphdef, r, lay, b.window, obj, compute_logits=False).velocity
+    v = objective._forward(graphdef, p, lay, b.window, obj, compute_logits=False).velocity
+    v_ref = objective._forward(graphdef, r, lay, b.window, obj, compute_logits=False).velocity
     return objective.loss_fn(p, r, graphdef, b, a, obj)[1]["reg/latent_kl"], v, v_ref
 
   kl, v, v_ref = _fast_jit(jax.jit(fn), params, ref, traj, world["adv"])

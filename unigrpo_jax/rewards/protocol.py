@@ -14,7 +14,9 @@ Response (200)::
    "details": {name: [float, ...], ...}}     # optional, each exactly N finite numbers
 
 Anything else (not JSON, NaN/Infinity, wrong counts, non-numbers) is a ``ProtocolError``
-naming what was wrong. Both sides use only ``json``; no pickle, no eval.
+naming what was wrong. Both sides use only ``json``; no pickle, no eval. What a request may cost
+the server (nesting depth, image count and sizes) is bounded by ``rewards.request_budget``,
+checked before anything here decodes it.
 """
 from __future__ import annotations
 
@@ -46,17 +48,22 @@ def encode_png(image: np.ndarray) -> str:
   return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_png(data: str) -> np.ndarray:
-  """base64 PNG -> uint8 [H, W, 3]."""
+def decode_png(data: str, max_pixels: Optional[int] = None) -> np.ndarray:
+  """base64 PNG -> uint8 [H, W, 3]. ``max_pixels``: refuse an image whose header claims more
+  pixels, before its data is decompressed (a server passes its budget; PIL's own
+  ``Image.MAX_IMAGE_PIXELS`` guard applies either way)."""
   try:
     raw = base64.b64decode(data, validate=True)
     with Image.open(io.BytesIO(raw)) as im:
       if im.format != "PNG":
         raise ProtocolError(f"image is {im.format}, not PNG")
+      width, height = im.size  # from the header: nothing is decompressed yet
+      if max_pixels is not None and width * height > max_pixels:
+        raise ProtocolError(f"image is {width}x{height} px, over the {max_pixels:,} px limit")
       return np.asarray(im.convert("RGB"), np.uint8)
   except ProtocolError:
     raise
-  except Exception as e:  # binascii.Error, PIL.UnidentifiedImageError, ...
+  except Exception as e:  # binascii.Error, PIL.UnidentifiedImageError, DecompressionBombError...
     raise ProtocolError(f"image is not a base64 PNG ({type(e).__name__}: {e})") from None
 
 
@@ -82,6 +89,8 @@ def loads_strict(body: bytes | str):
     return json.loads(body, parse_constant=_reject_constant)
   except ProtocolError:
     raise
+  except RecursionError:  # a last guard; servers check the depth first (rewards.request_budget)
+    raise ProtocolError("JSON nested too deeply to parse") from None
   except (ValueError, UnicodeDecodeError) as e:
     text = body[:200] if isinstance(body, str) else body[:200].decode("utf-8", "replace")
     raise ProtocolError(f"not JSON ({e}); body starts {text!r}") from None
@@ -112,9 +121,10 @@ def parse_response(body: bytes | str, n: int) -> tuple[np.ndarray, dict[str, np.
   return scores, {str(k): _finite_vector(v, n, f"details[{k!r}]") for k, v in details.items()}
 
 
-def parse_request(obj) -> tuple[np.ndarray | list, list[str], list[dict], Optional[list[str]]]:
-  """Server side: request dict -> (images list of uint8 [H, W, 3], prompts, metadata,
-  reasoning or None). Raises ProtocolError naming the bad field or item."""
+def parse_fields(obj) -> tuple[list[str], list[str], list[dict], Optional[list[str]]]:
+  """Server side, before any decoding: request dict -> (images as base64 strings, prompts,
+  metadata, reasoning or None), every field's type and count checked. Raises ProtocolError
+  naming the bad field or item."""
   if not isinstance(obj, dict):
     raise ProtocolError("request must be a JSON object")
   if obj.get("protocol") != PROTOCOL_VERSION:
@@ -123,6 +133,9 @@ def parse_request(obj) -> tuple[np.ndarray | list, list[str], list[dict], Option
   if not isinstance(images, list) or not images:
     raise ProtocolError("'images' must be a non-empty list of base64 PNGs")
   n = len(images)
+  bad = next((i for i, data in enumerate(images) if not isinstance(data, str)), None)
+  if bad is not None:
+    raise ProtocolError(f"images[{bad}] is not a string")
   prompts, metadata, reasoning = obj.get("prompts"), obj.get("metadata"), obj.get("reasoning")
   if not isinstance(prompts, list) or len(prompts) != n or not all(
       isinstance(p, str) for p in prompts):
@@ -133,12 +146,20 @@ def parse_request(obj) -> tuple[np.ndarray | list, list[str], list[dict], Option
   if reasoning is not None and (not isinstance(reasoning, list) or len(reasoning) != n or not all(
       isinstance(r, str) for r in reasoning)):
     raise ProtocolError(f"'reasoning' must be null or a list of {n} strings")
+  return images, prompts, metadata, reasoning
+
+
+def parse_request(obj, max_pixels: Optional[int] = None
+                  ) -> tuple[list[np.ndarray], list[str], list[dict], Optional[list[str]]]:
+  """Server side: request dict -> (images list of uint8 [H, W, 3], prompts, metadata,
+  reasoning or None). Raises ProtocolError naming the bad field or item. It decodes every
+  image: a server facing untrusted clients checks ``rewards.request_budget`` first, as
+  ``rewards.serve`` does."""
+  images, prompts, metadata, reasoning = parse_fields(obj)
   decoded = []
   for i, data in enumerate(images):
-    if not isinstance(data, str):
-      raise ProtocolError(f"images[{i}] is not a string")
     try:
-      decoded.append(decode_png(data))
+      decoded.append(decode_png(data, max_pixels))
     except ProtocolError as e:
       raise ProtocolError(f"images[{i}]: {e}") from None
   return decoded, prompts, metadata, reasoning

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import ml_collections
@@ -24,7 +24,7 @@ from unigrpo_jax.data import geneval
 from unigrpo_jax.rewards import registry
 from unigrpo_jax.rewards import shapeworld as sw_reward
 from unigrpo_jax.rollout.program import make_eval_sampler
-from unigrpo_jax.trainers import grid, build
+from unigrpo_jax.trainers import build, grid, scoring
 from unigrpo_jax.trainers.metrics import MetricsLogger
 
 
@@ -81,18 +81,29 @@ class Evaluator:
     images = np.concatenate(images)
     if None in self.specs:   # free text: the run's reward, no ShapeWorld metrics
       prompts = [r["prompt"] for r in self.records]
-      given = {"prompts": prompts, "metadata": [r.get("metadata", "") for r in self.records]}
-      out = self.reward_fn(images, self.specs, reasoning,
-                           **{k: given[k] for k in registry.accepted_kwargs(self.reward_fn)})
+      metadata = [r.get("metadata", "") for r in self.records]
+      wanted = registry.accepted_kwargs(self.reward_fn)
+
+      def reward_rows(lo, hi):
+        given = {"prompts": prompts[lo:hi], "metadata": metadata[lo:hi]}
+        return self.reward_fn(images[lo:hi], self.specs[lo:hi], reasoning[lo:hi],
+                              **{k: given[k] for k in wanted})
+
+      out = score_by_owner(reward_rows, n, "eval_reward")
       metrics, reward = free_text_metrics(self.records, out)
       k = min(self.grid_count, n)
       return metrics, grid.sample_grid(images[:k], prompts[:k], reasoning[:k], reward[:k])
-    scores = sw_reward.score(images, self.specs)
-    parsed = [sw.parse_reasoning(t) for t in reasoning]
-    reasoning_ok = np.array([p == s for p, s in zip(parsed, self.specs)], np.float32)
+
+    def shapeworld_rows(lo, hi):
+      parsed = [sw.parse_reasoning(t) for t in reasoning[lo:hi]]
+      return {**sw_reward.score(images[lo:hi], self.specs[lo:hi]),
+              "reasoning_ok": np.array([p == s for p, s in zip(parsed, self.specs[lo:hi])],
+                                       np.float32)}
+
+    scores = score_by_owner(shapeworld_rows, n, "eval_shapeworld")
     metrics = {"eval/reward_mean": float(np.mean(scores["score"])),
                "eval/strict_accuracy": float(np.mean(scores["strict"])),
-               "eval/reasoning_accuracy": float(np.mean(reasoning_ok))}
+               "eval/reasoning_accuracy": float(np.mean(scores["reasoning_ok"]))}
     by_cat = collections.defaultdict(list)
     for i, r in enumerate(self.records):
       by_cat[r["category"]].append(i)
@@ -107,6 +118,55 @@ class Evaluator:
     picture = grid.sample_grid(images[:k], [r["prompt"] for r in self.records[:k]],
                                reasoning[:k], scores["score"][:k])
     return metrics, picture
+
+
+def owned_rows(num_rows: int, process_count: int | None = None,
+               process_index: int | None = None) -> tuple[int, int]:
+  """[start, stop) of the evaluation rows that process ``process_index`` (default: this one)
+  scores: the p-th of ``process_count`` contiguous blocks whose sizes differ by at most one
+  (every row has exactly one owner; a process may own none when there are fewer rows)."""
+  n = jax.process_count() if process_count is None else process_count
+  p = jax.process_index() if process_index is None else process_index
+  return p * num_rows // n, (p + 1) * num_rows // n
+
+
+def score_by_owner(score_rows: Callable[[int, int], dict], num_rows: int, name: str) -> dict:
+  """Scores each of ``num_rows`` rows once, on the process that owns it (``owned_rows``), and
+  gives every process every row's results in row order.
+
+  ``score_rows(lo, hi)`` -> {key: [hi - lo] array} of rows [lo, hi) (not called for an empty
+  block). A remote reward thus gets one request per row over all processes, not one per process.
+  With several processes a failure is shared: every process raises ``scoring.RewardError``
+  naming the failing process (none waits for a peer that stopped).
+  """
+  lo, hi = owned_rows(num_rows)
+  multi = distributed.is_multiprocess()
+  local = {}
+  if hi > lo:
+    try:
+      local = {k: _wire(v) for k, v in score_rows(lo, hi).items() if np.ndim(v)}  # per row
+    except Exception as e:  # pylint: disable=broad-except
+      if not multi:
+        raise
+      local = {"__error__": f"process {jax.process_index()}: {type(e).__name__}: {e}"}
+  shared = distributed.exchange(name, local) if multi else [local]
+  for block in shared:
+    if "__error__" in block:
+      raise scoring.RewardError(f"evaluation scoring failed on {block['__error__']}")
+  blocks = [b for b in shared if b]
+  if not blocks:
+    return {}
+  return {k: np.concatenate([_unwire(b[k]) for b in blocks]) for k in blocks[0]}
+
+
+def _wire(value) -> dict:
+  """A per-row array as JSON (dtype kept for numbers) for ``distributed.exchange``."""
+  a = np.asarray(value)
+  return {"dtype": a.dtype.str if a.dtype.kind in "biuf" else None, "rows": a.tolist()}
+
+
+def _unwire(w: dict) -> np.ndarray:
+  return np.asarray(w["rows"], None if w["dtype"] is None else np.dtype(w["dtype"]))
 
 
 def free_text_metrics(records: Sequence[dict], reward_out: dict) -> tuple[dict, np.ndarray]:

@@ -4,9 +4,11 @@ Only process 0 writes files; every process may call the writer.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import struct
 import sys
 import threading
 import time
@@ -104,19 +106,99 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def truncate_metrics(workdir: str, last_step: int) -> None:
-  """Drops metrics rows after ``last_step`` (a resumed run rewrites them identically)."""
+def truncate_metrics(workdir: str, last_step: int) -> list[int]:
+  """Drops metrics rows after ``last_step`` (a resumed run rewrites them identically); -1 drops
+  every row. A torn last line (a run killed mid-write) is dropped too. -> the dropped steps."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
-    return
-  rows = read_metrics(workdir)
+    return []
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise ValueError(f"{path}, line {i + 1}: not JSON: {line[:200]!r}") from None
   kept = [r for r in rows if r["step"] <= last_step]
-  if len(kept) != len(rows):
+  if len(kept) != len(lines):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
       for r in kept:
         f.write(json.dumps(r, sort_keys=True) + "\n")
     os.replace(tmp, path)
+  return [r["step"] for r in rows if r["step"] > last_step]
+
+
+EVENTS_PREFIX = "events.out.tfevents."  # TensorBoard event files (clu's writer, in the workdir)
+
+
+def _event_records(path: str):
+  """(step, framed record bytes) of each whole record of a TensorBoard event file (TFRecord
+  framing: u64 length, u32 crc, data, u32 crc). A torn last record (a killed writer) is left
+  out."""
+  from tensorboard.compat.proto import event_pb2  # protobuf only: no TensorFlow import
+  with open(path, "rb") as f:
+    data = f.read()
+  pos = 0
+  while pos + 12 <= len(data):
+    (n,) = struct.unpack_from("<Q", data, pos)
+    end = pos + 12 + n + 4
+    if end > len(data):
+      break
+    yield event_pb2.Event.FromString(data[pos + 12:pos + 12 + n]).step, data[pos:end]
+    pos = end
+
+
+def restart_metrics(workdir: str, last_step: Optional[int]) -> Optional[str]:
+  """Before a (re)started run writes its first step: every step after ``last_step`` (the
+  checkpoint it resumes from; None: no checkpoint, the run starts at step 0 and rewrites it)
+  leaves the live metrics, so that no step is ever written twice.
+
+  ``metrics.jsonl`` keeps the rows up to ``last_step`` (none without a checkpoint). TensorBoard
+  event files that hold a later step are moved to ``abandoned_<UTC time>/`` in the workdir; with a
+  checkpoint each is replaced by a copy of its records up to ``last_step``. Returns what was
+  done as one line for the console, or None when the workdir held nothing after ``last_step``.
+  Called by process 0 only.
+  """
+  keep = -1 if last_step is None else last_step
+  dropped = truncate_metrics(workdir, keep)
+  moved = []
+  names = sorted(n for n in os.listdir(workdir) if n.startswith(EVENTS_PREFIX)) \
+      if os.path.isdir(workdir) else []
+  abandoned = None
+  for name in names:
+    path = os.path.join(workdir, name)
+    records = list(_event_records(path))
+    if last_step is not None and all(step <= keep for step, _ in records):
+      continue
+    if abandoned is None:
+      stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+      abandoned = os.path.join(workdir, f"abandoned_{stamp}")
+      for i in itertools.count(1):
+        if not os.path.exists(abandoned):
+          break
+        abandoned = os.path.join(workdir, f"abandoned_{stamp}_{i}")
+      os.makedirs(abandoned)
+    os.replace(path, os.path.join(abandoned, name))
+    moved.append(name)
+    if last_step is not None:  # the file's records up to the checkpoint stay live
+      with open(path + ".tmp", "wb") as f:
+        f.write(b"".join(raw for step, raw in records if step <= keep))
+      os.replace(path + ".tmp", path)
+  if not dropped and not moved:
+    return None
+  what = []
+  if dropped:
+    what.append(f"{len(dropped)} metrics.jsonl row(s) (steps {min(dropped)}..{max(dropped)}) "
+                "dropped")
+  if moved:
+    what.append(f"{len(moved)} TensorBoard event file(s) moved to {abandoned}"
+                + ("" if last_step is None else f" (a copy up to step {last_step} stays)"))
+  head = ("no checkpoint: starting afresh at step 0" if last_step is None
+          else f"resuming after step {last_step}")
+  return f"{head}, replacing an earlier attempt's metrics: {'; '.join(what)}"
 
 
 class Progress:

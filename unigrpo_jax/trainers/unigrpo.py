@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,8 @@ from unigrpo_jax.rl import advantages as adv_lib
 from unigrpo_jax.rl.train_step import init_train_state
 from unigrpo_jax.trainers import build, grid, scoring
 from unigrpo_jax.trainers.evaluate import build_evaluator, eval_records
-from unigrpo_jax.trainers.metrics import (CompileCounter, MetricsLogger, Progress, eval_summary, truncate_metrics)
+from unigrpo_jax.trainers.metrics import (CompileCounter, MetricsLogger, Progress, eval_summary,
+                                          restart_metrics)
 
 
 class NonFiniteError(RuntimeError):
@@ -109,6 +111,9 @@ def _resume(run: _Run, ckpt: checkpointing.RunCheckpointer, loader_iter, workdir
   counters = {"step": 0, "nonfinite_total": 0, "nonfinite_in_row": 0}
   latest = ckpt.latest_step()
   if latest is None:
+    # An earlier attempt that died before its first checkpoint may have written steps 0..k:
+    # this run rewrites them, so they leave the live metrics (never a step twice).
+    _restart_metrics(workdir, None)
     return counters
   saved_tree = {"train_state": run.train_state, "ref_params": run.ref_params}
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
@@ -124,10 +129,17 @@ def _resume(run: _Run, ckpt: checkpointing.RunCheckpointer, loader_iter, workdir
                      "is saved)")
   loader_iter.set_state(host["data_iter"][jax.process_index()])
   counters = {k: host[k] for k in counters}
-  if distributed.is_main():
-    truncate_metrics(workdir, counters["step"])
   distributed.main_print(f"resumed from {ckpt.directory} at step {counters['step']}")
+  _restart_metrics(workdir, counters["step"])
   return counters
+
+
+def _restart_metrics(workdir: str, last_step) -> None:
+  """Process 0 drops the metrics an earlier attempt wrote after ``last_step`` (None: all)."""
+  if distributed.is_main() and os.path.isdir(workdir):
+    line = restart_metrics(workdir, last_step)
+    if line:
+      print(line, flush=True)
 
 
 def _rollout(run: _Run, batch: dict, key):
@@ -212,6 +224,18 @@ def _step_metrics(m: dict, stats: dict, categories: list, group_size: int) -> di
   return metrics
 
 
+def preemption_line(step: int, latest: Optional[int], saved_now: bool, directory: str) -> str:
+  """The console line of a SIGTERM that stopped ``step`` before its update: what was saved
+  (``latest``: the newest checkpoint now, None: none) and where a rerun starts."""
+  head = f"SIGTERM: stopped at step {step} before its update"
+  if latest is None:
+    return f"{head}; nothing was saved; a rerun starts from step 0"
+  if saved_now:
+    return f"{head}; saved step {latest} to {directory}; a rerun resumes from step {latest}"
+  return (f"{head}; nothing new was saved (the checkpoint of step {latest} is in {directory}); "
+          f"a rerun resumes from step {latest}")
+
+
 def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs UniGRPO; returns the last metrics row written."""
   run = _build(config)
@@ -262,7 +286,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step == 0:
       last = {"step": 0, **evaluate(0), "perf/num_compiles": compiles.count}
       logger.write(0, {k: v for k, v in last.items() if k != "step"})
-    save_now = None
+    stopped_at = None  # a step that a SIGTERM stopped between its rollout and its update
     for step in range(start_step + 1, config.total_steps + 1):
       t0 = time.time()
       iter_before = loader_iter.get_state()
@@ -275,9 +299,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           jnp.asarray(stats["reward"]), run.group_size, eps=config.advantage.eps,
           clip=config.advantage.clip)
       if preemption.reached(2 * step):  # long rollouts: also check between rollout and update
-        distributed.main_print(f"preempted: stopping at step {step} before its update; the "
-                               f"checkpoint of step {step - 1} is saved")
-        save_now = step - 1
+        stopped_at = step
         break
       t1 = time.time()
       m = _update(run, traj, advantages, jax.random.fold_in(key, 1))
@@ -304,10 +326,17 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
         save(step)
       if preempted:
-        distributed.main_print(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting")
+        distributed.main_print(f"SIGTERM: saved step {step} to {ckpt.directory}; a rerun "
+                               f"resumes from step {step}; exiting")
         break
-    if save_now is not None and save_now > start_step and save_now % config.checkpoint_every:
-      save(save_now, iter_before)  # step - 1's state: this step's batch is read again on resume
+    if stopped_at is not None:
+      done = stopped_at - 1  # the last step whose update ran (start_step: none in this run)
+      saved_now = done > start_step and done % config.checkpoint_every != 0
+      if saved_now:
+        save(done, iter_before)  # step - 1's state: this step's batch is read again on resume
+      ckpt.wait()
+      distributed.main_print(preemption_line(stopped_at, ckpt.latest_step(), saved_now,
+                                             ckpt.directory))
     distributed.barrier("end of run")
   finally:
     preemption.restore()

@@ -13,7 +13,7 @@ Images: uint8 [B, H, W, 3] -> resize so the shortest side is ``size`` (the long 
 a = -0.5 like PIL's), done like PIL as two 1-D passes in Pillow's order, each rounded and
 clipped to uint8 levels -> center crop (top = (h - crop) // 2) -> x / 255 -> (x - mean) / std.
 PIL computes in fixed point, so a few pixels still differ by one grey level (under 0.4% of the
-pixels of the fixtures; tests/test_clip.py bounds it).
+pixels of the fixtures; tests/models/clip/test_clip.py bounds it).
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ import numpy as np
 from flax import nnx
 
 from unigrpo_jax.models.flux_vae.autoencoder import FluxAutoencoder
-from unigrpo_jax.models.flux_vae.model import (BAGEL_SCALE_FACTOR, BAGEL_SHIFT_FACTOR, FluxVAE, FluxVAEConfig)
+from unigrpo_jax.models.flux_vae.model import (BAGEL_SCALE_FACTOR, BAGEL_SHIFT_FACTOR, FluxVAE,
+                                               FluxVAEConfig)
 from unigrpo_jax.models.safetensors_io import TensorIndex
 
 log = logging.getLogger(__name__)

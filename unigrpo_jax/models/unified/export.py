@@ -13,7 +13,10 @@ from unigrpo_jax.models.safetensors_io import TensorIndex, numpy_dtype, write_st
 from unigrpo_jax.models.unified import layout
 from unigrpo_jax.models.unified.config import ModelConfig
 from unigrpo_jax.models.unified.model import UnifiedModel
-from unigrpo_jax.models.unified.weights import (BAGEL_PATCH, BAGEL_SKIPPED_PREFIXES, BAGEL_VAE_DOWNSAMPLE, bagel_key_map, bagel_llm_config, flat_state, leaf_value, their_shape, to_theirs)
+from unigrpo_jax.models.unified.weights import (BAGEL_PATCH, BAGEL_SKIPPED_PREFIXES,
+                                                BAGEL_VAE_DOWNSAMPLE, bagel_key_map,
+                                                bagel_llm_config, flat_state, leaf_value,
+                                                their_shape, to_theirs)
 
 
 def _check_bagel_format(cfg: ModelConfig):

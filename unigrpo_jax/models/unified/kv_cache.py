@@ -27,7 +27,7 @@ class KVCache:
 
   The decode loop never copies it: in ``cache_slot`` mode layer ``i`` writes its new key/value
   into its own buffer with one ``dynamic_update_slice`` (XLA updates the loop-carried buffer in
-  place), then attends over that buffer as is (``tests/test_kv_cache_hlo.py`` checks the
+  place), then attends over that buffer as is (``tests/models/test_kv_cache_hlo.py`` checks the
   optimized HLO). Separate buffers rather than one [L, ...] array because a dot cannot read a
   slice of a stacked array in place: on CPU each layer's slice was materialised every step.
   """

@@ -27,7 +27,11 @@ from unigrpo_jax.models.unified import layout
 from unigrpo_jax.models.unified.config import ModelConfig
 from unigrpo_jax.models.unified.latent_io import LatentIO
 from unigrpo_jax.models.unified.model import UnifiedModel
-from unigrpo_jax.models.unified.weights import (BAGEL_PATCH, BAGEL_SKIPPED_PREFIXES, BAGEL_VAE_DOWNSAMPLE, bagel_key_map, config_note, flat_state, leaf_value, marker_ids, normalize_index, qwen2_fields, qwen2_key_map, read_block, read_json, their_shape)
+from unigrpo_jax.models.unified.weights import (BAGEL_PATCH, BAGEL_SKIPPED_PREFIXES,
+                                                BAGEL_VAE_DOWNSAMPLE, bagel_key_map, config_note,
+                                                flat_state, leaf_value, marker_ids, normalize_index,
+                                                qwen2_fields, qwen2_key_map, read_block, read_json,
+                                                their_shape)
 
 
 def _check_tensors(index: TensorIndex, rows, abstract: dict, source: str, cfg_note: str):

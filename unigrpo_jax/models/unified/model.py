@@ -33,7 +33,8 @@ from unigrpo_jax.models.unified import attention
 from unigrpo_jax.models.unified.config import ModelConfig
 from unigrpo_jax.models.unified.kv_cache import KVCache, write_slots
 from unigrpo_jax.models.unified.latent_io import LatentIO
-from unigrpo_jax.models.unified.layers import (RMSNorm, SwiGLU, annotated_param, fan_in_init, rope, zeros_init)
+from unigrpo_jax.models.unified.layers import (RMSNorm, SwiGLU, annotated_param, fan_in_init, rope,
+                                               zeros_init)
 from unigrpo_jax.models.unified.stack import layer_list, loop_layers, scan_layers, stack_layers
 
 

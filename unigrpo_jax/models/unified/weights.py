@@ -204,7 +204,7 @@ def flat_state(state: nnx.State) -> dict:
 
 
 def leaf_value(leaf):
-  return leaf.getleaf_value() if isinstance(leaf, nnx.Variable) else leaf
+  return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
 
 
 # Configs.
