@@ -153,6 +153,8 @@ def base() -> ml_collections.ConfigDict:
   c.sft.grad_clip = 1.0
   c.sft.image_loss_weight = 1.0
   c.sft.wrong_reasoning_prob = 0.3
+  # [ours] images drawn from a wrong scene while the trace is kept (sft_examples.py)
+  c.sft.wrong_image_prob = 0.0
   c.sft.layout_seed = 0  # -1: random layouts (see data/shapeworld/sft_examples.py)
   c.sft.save_every = 250
   return c

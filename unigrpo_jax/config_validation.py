@@ -59,6 +59,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"{o.grad_accum} micro-batches do not divide a minibatch of "
            f"{batch // o.num_minibatches} rows (rollout batch {batch} / num_minibatches "
            f"{o.num_minibatches})")
+  for field in ("wrong_reasoning_prob", "wrong_image_prob"):
+    p = c.sft[field]
+    _require(isinstance(p, (int, float)) and 0 <= p <= 1, f"sft.{field}",
+             f"must be a probability in [0, 1], got {p!r}")
   for field in ("prompt_file", "eval_prompt_file"):
     path = c.data[field]
     _require(not path or os.path.isfile(path), f"data.{field}", f"{path!r} is not a file")

@@ -46,3 +46,28 @@ def test_sft_batches_corrupt_some_traces_consistently():
   spec = sw.sample_tasks(1, 3)[0].spec
   assert corrupt_spec(spec, np.random.default_rng(1)) != spec
   assert with_scene("x is y . the image shows one circle", spec).endswith(sw.describe(spec))
+
+
+def test_wrong_image_prob_draws_images_of_another_scene_than_the_trace():
+  """``wrong_image_prob``: the trace is kept and the image comes from a nearby wrong scene, at
+  about the asked rate; with 0 every image follows its trace (the shipped warm start's data)."""
+  batch = sample_sft_batch(np.random.default_rng(1), 400, 32, wrong_reasoning_prob=0.0,
+                           layout_seed=0, wrong_image_prob=0.3)
+  assert batch.correct.all()  # traces untouched
+  rate = 1 - batch.image_follows_trace.mean()
+  assert 0.22 < rate < 0.38, rate
+  for prompt, trace, image, follows in zip(batch.prompts, batch.reasoning, batch.images,
+                                           batch.image_follows_trace):
+    spec = sw.parse_reasoning(trace)
+    assert np.array_equal(image, render(spec, seed=0, size=32)) == bool(follows)
+  plain = sample_sft_batch(np.random.default_rng(1), 50, 32, wrong_reasoning_prob=0.0,
+                           layout_seed=0)
+  assert plain.image_follows_trace.all()
+
+
+def test_sft_probabilities_are_validated():
+  from unigrpo_jax import config_defaults, config_validation
+  c = config_defaults.base()
+  c.sft.wrong_image_prob = 1.5
+  with pytest.raises(config_validation.ConfigError, match="sft.wrong_image_prob"):
+    config_validation.validate(c)

@@ -93,7 +93,8 @@ def make_sft_batch(rng: np.random.Generator, tokenizer: Tokenizer, autoencoder,
   """Host-side batch: tokens, masks and clean latents; also the fraction of correct traces."""
   sft = config.sft
   ex = sample_sft_batch(rng, sft.batch_size, autoencoder.image_size, sft.wrong_reasoning_prob,
-                        layout_seed=None if sft.layout_seed < 0 else sft.layout_seed)
+                        layout_seed=None if sft.layout_seed < 0 else sft.layout_seed,
+                        wrong_image_prob=sft.wrong_image_prob)
   pt, pm = encode_prompts(tokenizer, ex.prompts, config.data.max_prompt_len)
   rt, rm = encode_reasoning(tokenizer, ex.reasoning, config.rollout.max_reasoning_len)
   latents = np.asarray(autoencoder.encode(from_uint8(ex.images)))

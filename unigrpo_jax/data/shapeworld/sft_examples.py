@@ -6,6 +6,12 @@ nearby wrong scene (one count, color or relation changed) and the image is drawn
 scene. Reasoning and image stay consistent with each other (the image follows the reasoning, as
 in the real model); only the reward, scored against the prompt, sees the mistake.
 
+With probability ``wrong_image_prob`` the image is instead drawn from a nearby wrong scene while
+the trace stays as it is: the image-side analogue of the wrong traces [ours]. A warm start trained
+so draws the scene its trace names most of the time but not always, which gives the image policy
+mistakes that its own sampling can avoid (issue #22: with images that always follow the trace, a
+group's images pass or fail together and the image policy gets no signal).
+
 ``layout_seed`` fixes the render seed, so an image is a deterministic function of its scene (the
 layout then depends only on the counts and relation). A tiny flow model learns that nearly
 unimodal target in minutes, where random layouts leave it drawing a blur of every layout at once
@@ -59,13 +65,15 @@ class SFTBatch:
   reasoning: list[str]
   images: np.ndarray  # uint8 [B, H, W, 3], drawn from the (possibly corrupted) reasoning
   correct: np.ndarray  # bool [B], the trace resolves the prompt correctly
+  image_follows_trace: np.ndarray  # bool [B], the image is drawn from the trace's scene
 
 
 def sample_sft_batch(rng: np.random.Generator, batch_size: int, image_size: int,
                      wrong_reasoning_prob: float, num_train_tasks: Optional[int] = None,
-                     layout_seed: Optional[int] = None) -> SFTBatch:
+                     layout_seed: Optional[int] = None,
+                     wrong_image_prob: float = 0.0) -> SFTBatch:
   """Draws tasks from the TRAIN split only (the test split is never trained on)."""
-  prompts, traces, images, correct = [], [], [], []
+  prompts, traces, images, correct, follows = [], [], [], [], []
   for _ in range(batch_size):
     index = int(rng.integers(num_train_tasks or 2 ** 31 - 1))
     task = task_for("train", index)
@@ -75,6 +83,10 @@ def sample_sft_batch(rng: np.random.Generator, batch_size: int, image_size: int,
     prompts.append(task.prompt)
     traces.append(with_scene(task.reasoning, spec))
     seed = int(rng.integers(2 ** 31 - 1)) if layout_seed is None else layout_seed
-    images.append(render(spec, seed=seed, size=image_size))
+    drawn = spec
+    if wrong_image_prob and rng.random() < wrong_image_prob:
+      drawn = corrupt_spec(spec, rng)
+    images.append(render(drawn, seed=seed, size=image_size))
     correct.append(spec == task.spec)
-  return SFTBatch(prompts, traces, np.stack(images), np.array(correct))
+    follows.append(drawn == spec)
+  return SFTBatch(prompts, traces, np.stack(images), np.array(correct), np.array(follows))
