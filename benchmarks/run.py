@@ -48,7 +48,6 @@ from benchmarks import probes  # noqa: E402
 from configs import shapes_cpu  # noqa: E402
 from unigrpo_jax.models.unified.model import UnifiedModel
 from unigrpo_jax import parallel  # noqa: E402
-from unigrpo_jax.data.tokenizer import Tokenizer  # noqa: E402
 from unigrpo_jax.models.autoencoder import PatchAutoencoder  # noqa: E402
 from unigrpo_jax.models.unified.model import count_params
 from unigrpo_jax.models.unified.config import get_preset
@@ -56,7 +55,6 @@ from unigrpo_jax.rl import train_step as ts  # noqa: E402
 from unigrpo_jax.rollout import flow, text as text_sampling  # noqa: E402
 from unigrpo_jax.rollout.program import make_rollout, reasoning_context  # noqa: E402
 from unigrpo_jax.rollout.trajectory import Trajectory, WindowRecord  # noqa: E402
-from unigrpo_jax.trainers import unigrpo  # noqa: E402
 from unigrpo_jax.data.shapeworld.world import shapeworld_tokenizer
 from unigrpo_jax.trainers import build
 from unigrpo_jax.rl import objective

@@ -59,6 +59,7 @@ def base() -> ml_collections.ConfigDict:
   c.rollout.window_range = (0, 5)  # [paper]
   c.rollout.window_size = 3  # [paper]
   c.rollout.window_per_group = False  # [ours] one window start per group instead of per row
+  c.rollout.group_initial_noise = False  # [ours, after DanceGRPO] one x_1 per group (program.py)
   c.rollout.sde_type = "sde"
   # images the VAE decodes per device at a time (0: all at once); BAGEL's 1024 px FLUX VAE: 1
   c.rollout.decode_rows = 0

@@ -48,6 +48,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"{r.get('decode_rows')!r}")
   _require(isinstance(r.window_per_group, bool), "rollout.window_per_group",
            f"must be True or False, got {r.window_per_group!r}")
+  _require(isinstance(r.group_initial_noise, bool), "rollout.group_initial_noise",
+           f"must be True or False, got {r.group_initial_noise!r}")
   o = c.optim
   for field in ("ppo_epochs", "num_minibatches", "grad_accum"):
     _require(isinstance(o[field], int) and o[field] > 0, f"optim.{field}",

@@ -208,3 +208,40 @@ def batch_parallelism(mesh: Mesh) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+# The rollout's decode loop runs on a second mesh over the same devices (``decode_mesh``): rows
+# split over groups of ``tensor`` chips, and inside each group the understanding expert's heads,
+# MLP and vocabulary split Megatron-style. Every other logical axis is replicated in a group.
+DECODE_AXES = ("rows", "model")
+DECODE_RULES: Rules = (("heads", "model"), ("kv_heads", "model"), ("mlp", "model"),
+                       ("vocab", "model"))
+
+
+def decode_mesh(mesh: Mesh, tensor: int) -> Mesh:
+  """``("rows", "model")`` mesh of ``mesh``'s devices in their order, ``tensor`` consecutive
+  devices per row group. Row group g holds rows [g B / G, (g + 1) B / G) of a batch of B rows
+  (G = devices / tensor), which the ``tensor`` chips of group g already held between them in the
+  trainer's batch sharding: moving to this layout moves rows only inside a group."""
+  devices = np.asarray(mesh.devices).reshape(-1)
+  if tensor < 1 or devices.size % tensor:
+    raise ValueError(f"decode tensor parallelism {tensor} does not divide the {devices.size} "
+                     "devices")
+  return Mesh(devices.reshape(-1, tensor), DECODE_AXES,
+              axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def auto_decode_tensor(mesh: Mesh, rows: int, num_heads: int, num_kv_heads: int,
+                       largest: int = 8) -> int:
+  """The decode loop's group size: the largest of ``largest``, ..., 4, 2 that divides the query
+  and key/value heads and the devices, with ``rows`` divisible by the number of groups; 1 (the
+  trainer's own layout) when none does, or when the mesh already has a tensor axis."""
+  if mesh.shape.get("tensor", 1) > 1:
+    return 1
+  n = mesh.devices.size
+  t = largest
+  while t > 1:
+    if not (num_heads % t or num_kv_heads % t or n % t or rows % (n // t)):
+      return t
+    t //= 2
+  return 1

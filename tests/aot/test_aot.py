@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from unigrpo_jax import config_defaults
-from unigrpo_jax.aot import plan, topology
+from unigrpo_jax.aot import comm, plan, topology
 from unigrpo_jax.aot.topology import Chip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,6 +72,24 @@ def test_tiny_programs_compile_and_fit_v5e_8(v5e8_report):
   # The train state is donated: its buffers are reused by the new state.
   assert r["programs"]["train_step"]["bytes_per_chip"]["aliased"] > 0
   assert r["fits"]
+
+
+def test_report_has_time_model_and_communication(v5e8_report):
+  """Each program gets compute / HBM / ICI seconds and which binds, collectives per call by kind
+  and per loop; the rollout's decode loop is counted over all T reasoning steps."""
+  r = v5e8_report
+  for p in r["programs"].values():
+    t = p["time_model"]
+    assert t["bound_s"] == max(t["compute_s"], t["hbm_s"], t["ici_s"]) > 0
+    assert t["binds"] in ("compute", "hbm", "ici") and t["ici_s"] > 0
+    assert p["comm"]["per_call_total"] > 0 and p["comm"]["loops"]
+    assert set(p["comm"]["per_call_bytes"]) == set(comm.KINDS)
+  d = r["programs"]["rollout"]["decode_step"]
+  assert d["steps"] == 8 and d["collective_bytes_total"] > 0 and d["time"]["bound_s"] > 0
+  assert r["step_bound_s"] == pytest.approx(sum(p["time_model"]["bound_s"]
+                                                for p in r["programs"].values()))
+  text = plan.format_report(r)
+  assert "decode step (8 steps)" in text and "lower bound per UniGRPO step" in text
 
 
 def test_fsdp_doubling_chips_halves_argument_bytes(libtpu, v5e8_report):

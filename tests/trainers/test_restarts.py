@@ -10,8 +10,6 @@ import glob
 import os
 import time
 
-import pytest
-
 from unigrpo_jax import distributed
 from unigrpo_jax.trainers import metrics as metrics_lib
 from unigrpo_jax.trainers.metrics import read_metrics, restart_metrics

@@ -57,8 +57,15 @@ def test_run_writes_metrics_checkpoint_and_samples(four_steps):
   first_train = rows[1]
   for key in ("train/reward_mean", "train/loss", "perf/step_time_s", "perf/num_compiles",
               "train/onpolicy/text_logp_maxdiff", "train/onpolicy/flow_logp_maxdiff",
-              "train/grad_norm/und", "train/grad_norm/gen", "train/zero_variance_groups"):
+              "train/grad_norm/und", "train/grad_norm/gen", "train/zero_variance_groups",
+              "train/spread/image_share", "train/spread/text_var", "train/spread/image_var",
+              "hack/saturation", "hack/blank_frac", "hack/hist_distance",
+              "hack/strict_partial_gap"):
     assert key in first_train, key
+  # The spread decomposition is exact: text + image = total within-group variance.
+  assert abs(first_train["train/spread/text_var"] + first_train["train/spread/image_var"]
+             - first_train["train/spread/total_var"]) < 1e-6
+  assert first_train["hack/hist_distance"] == 0.0  # step 1 is the reference
   for key in ("eval/reward_mean", "eval/strict_accuracy", "eval/reasoning_accuracy"):
     assert key in rows[0] and key in rows[4], key
   assert any(k.startswith("eval/acc/") for k in rows[0])

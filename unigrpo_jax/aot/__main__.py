@@ -3,7 +3,8 @@
 Compiles the config's rollout and train step for the TPU slice NAME (e.g. ``v5p-128``,
 ``v4-64``, ``v5e-16``, ``v6e-64``) on this machine (no TPU needed; libtpu from
 ``pip install -e ".[tpu]"``) and prints bytes per chip against the chip's usable HBM, FLOPs,
-a roofline time per call and compile times. Exit 0 when both programs fit, 1 when one does not,
+collective bytes per chip (per call and per loop), a compute / HBM / ICI time model per call
+and per loop iteration, and compile times. Exit 0 when both programs fit, 1 when one does not,
 2 on bad input (config, topology, mesh or batch that does not divide the slice, no libtpu).
 """
 from __future__ import annotations

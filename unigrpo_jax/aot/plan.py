@@ -16,7 +16,7 @@ import ml_collections
 from flax import nnx
 
 from unigrpo_jax import checkpointing, config_validation, parallel
-from unigrpo_jax.aot import memory, topology
+from unigrpo_jax.aot import memory, time_model, topology
 from unigrpo_jax.data.tokenizer import Tokenizer
 from unigrpo_jax.models.autoencoder import PatchAutoencoder
 from unigrpo_jax.models.unified.model import UnifiedModel, count_params
@@ -26,7 +26,6 @@ from unigrpo_jax.trainers import build, unigrpo
 from unigrpo_jax.data.shapeworld.world import shapeworld_tokenizer
 
 PROGRAMS = ("rollout", "train_step")
-PLANNING_MFU = 0.4  # the README's "seconds per step" assume 40 % of peak
 
 
 def _model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
@@ -88,8 +87,8 @@ def _analytic(config, model_cfg, ocfg) -> dict:
           "executed": {"rollout": roll["total"], "train_step": train["executed"]}}
 
 
-def _roofline(name, cost, topo, config, analytic) -> float:
-  """Seconds per call if the chips ran at peak: max(compute, HBM traffic) per chip.
+def _roofline(name, cost, topo, config, analytic) -> tuple:
+  """(compute, HBM) seconds per call if the chips ran at peak, per chip.
 
   Compute: executed FLOPs (model FLOPs plus the remat recompute) / (chips * peak bf16). HBM
   traffic per chip: the train step's is XLA's ``bytes accessed`` of one loop iteration times
@@ -109,7 +108,42 @@ def _roofline(name, cost, topo, config, analytic) -> float:
     d = analytic["decode_bytes"]
     traffic = ((d["passes"] + config.rollout.num_steps) * d["weight_bytes_per_pass"]
                + (d["passes"] - 1) * d["kv_cache_bytes"] / topo.num_chips)
-  return max(compute_s, traffic / chip.hbm_bandwidth)
+  return compute_s, traffic / chip.hbm_bandwidth
+
+
+def decode_hints(config) -> dict:
+  """{condition bound: trips} of the rollout's decode loops, which XLA cannot count (they stop
+  early when every row is done): one ``while`` per attention window (``text.decode``), window j
+  running steps [last_{j-1}, last_j) with last_j = min(T, W_j - P); worst case, all T steps."""
+  from unigrpo_jax.rollout import text
+  p, t = config.data.max_prompt_len, config.rollout.max_reasoning_len
+  hints, done = {}, 0
+  for width in text.attention_windows(p, t, p + t + 1):
+    last = min(t, width - p)
+    hints[last], done = last - done, last
+  return hints
+
+
+def _time_entry(name, compiled_text, cost, topo, config, analytic, coords) -> dict:
+  """The program's three-term time model (``time_model``) and its communication by loop."""
+  compute_s, hbm_s = _roofline(name, cost, topo, config, analytic)
+  tm = time_model.analyze(compiled_text, topo.chip, coords,
+                          decode_hints(config) if name == "rollout" else None)
+  out = {"roofline_s": max(compute_s, hbm_s),
+         "time_model": {**time_model.terms(compute_s, hbm_s, tm["ici_s"]),
+                        "hlo_flops_per_chip": tm["hlo_costs"]["flops"],
+                        "hlo_hbm_bytes_per_chip": tm["hlo_costs"]["bytes"]},
+         "comm": tm["comm"]}
+  decode = [lp for lp in tm["comm"]["loops"].values() if lp["trip_source"] == "hint"]
+  if decode:  # bytes and time of one decode step (the largest window's, per chip)
+    step = max(decode, key=lambda lp: lp["per_iteration_total"])
+    out["decode_step"] = {"steps": sum(lp["trips"] for lp in decode),
+                          "collective_bytes": step["per_iteration_bytes"],
+                          "collective_bytes_total": step["per_iteration_total"],
+                          "wire_bytes": step["per_iteration_wire_bytes"],
+                          "collectives": step["collectives_per_iteration"],
+                          "time": step["time_per_iteration"]}
+  return out
 
 
 def _oom_entry(error, args, topo, seconds, flops) -> dict:
@@ -160,6 +194,8 @@ def plan(config: ml_collections.ConfigDict, topology_name: str,
   ocfg, optcfg = build.objective_config(config, tokenizer), build.optim_config(config)
   devices = topology.devices(topo)
   mesh, rules = build.mesh_and_rules(config, devices)
+  coords = [getattr(d, "coords", None) for d in mesh.devices.flat]
+  coords = coords if all(c is not None for c in coords) else None
   bp = config.rollout.prompts_per_batch
   rows = bp * config.rollout.group_size
   n_mb = config.optim.num_minibatches * config.optim.grad_accum
@@ -210,22 +246,22 @@ def plan(config: ml_collections.ConfigDict, topology_name: str,
     compile_s = time.perf_counter() - t0
     mem, cost = memory.memory_stats(compiled), memory.cost_stats(compiled)
     fits = mem["total"] <= topo.chip.hbm_bytes
+    text = compiled.as_text()
     entry = {"bytes_per_chip": mem, "flops": analytic[name],
              "executed_flops": analytic["executed"][name],
              "xla_flops_per_chip": cost["flops"],
              "xla_bytes_accessed_per_chip": cost["bytes_accessed"],
-             "roofline_s": _roofline(name, cost, topo, config, analytic),
+             **_time_entry(name, text, cost, topo, config, analytic, coords),
              "compile_s": round(compile_s, 2), "fits": bool(fits),
              "headroom": 1.0 - mem["total"] / topo.chip.hbm_bytes}
     if not fits:
       entry["over_by_bytes"] = mem["total"] - topo.chip.hbm_bytes
-      entry["largest_temporaries"] = memory.largest_values(compiled.as_text())
+      entry["largest_temporaries"] = memory.largest_values(text)
       entry["largest_arguments"] = memory.largest_arguments(args[name])
     report["programs"][name] = entry
     del compiled
-  total_flops = sum(analytic[n] for n in programs)
-  report["step_s_at_40pct_mfu"] = total_flops / (
-      topo.num_chips * topo.chip.peak_flops * PLANNING_MFU)
+  timed = [p["time_model"] for p in report["programs"].values() if "time_model" in p]
+  report["step_bound_s"] = sum(t["bound_s"] for t in timed)  # lower bound per UniGRPO step
   report["fits"] = all(p["fits"] for p in report["programs"].values())
   return report
 
@@ -253,8 +289,7 @@ def format_report(report: dict) -> str:
                  f"{p['roofline_s']:10.3f} {p['compile_s']:9.1f}")
   lines.append("(GB per chip; FLOPs are model FLOPs per call over all chips; roofline = max of "
                "FLOPs at peak bf16 and HBM traffic at peak bandwidth)")
-  lines.append(f"estimated seconds per UniGRPO step at 40% MFU: "
-               f"{report['step_s_at_40pct_mfu']:.2f}")
+  lines += time_model.format_lines(report)
   for name, p in report["programs"].items():
     if p["fits"]:
       continue

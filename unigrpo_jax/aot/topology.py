@@ -26,19 +26,26 @@ class Chip:
     Cloud TPU documentation's system-architecture figures (cloud.google.com/tpu/docs/v4: 275
     TFLOP/s, 1200 GB/s; /v5e: 197 TFLOP/s, 819 GB/s; /v5p-training: 459 TFLOP/s, 2765 GB/s;
     /v6e: 918 TFLOP/s, 1640 GB/s).
+  ici_bandwidth: bytes/s one chip sends over all its inter-chip links together (one direction):
+    half the Cloud TPU docs' "bidirectional ICI bandwidth per chip" (cloud.google.com/tpu/docs/
+    v5p: 1200 GBps; /v5e: 400 GBps, also "1600 Gbps"; /v6e: 800 GBps). The v4 page gives no
+    per-chip figure, only "all-reduce bandwidth per Pod 1.1 PB/s" for 4096 chips: 268.6 GB/s
+    per chip. The same per-pod figure over the pod's chips gives exactly the halved per-chip one
+    for v5e (51.2 TB/s / 256 = 200 GB/s) and v6e (102.4 TB/s / 256 = 400 GB/s).
   """
   generation: str
   hbm_bytes: int
   peak_flops: float
   hbm_bandwidth: float
+  ici_bandwidth: float = 0.0
 
 
 _GIB = 2 ** 30
 CHIPS = {
-    "v4": Chip("v4", int(30.75 * _GIB), 275e12, 1200e9),
-    "v5p": Chip("v5p", int(95.74 * _GIB), 459e12, 2765e9),
-    "v5e": Chip("v5e", int(15.75 * _GIB), 197e12, 819e9),
-    "v6e": Chip("v6e", int(31.25 * _GIB), 918e12, 1640e9),
+    "v4": Chip("v4", int(30.75 * _GIB), 275e12, 1200e9, 1.1e15 / 4096),
+    "v5p": Chip("v5p", int(95.74 * _GIB), 459e12, 2765e9, 600e9),
+    "v5e": Chip("v5e", int(15.75 * _GIB), 197e12, 819e9, 200e9),
+    "v6e": Chip("v6e", int(31.25 * _GIB), 918e12, 1640e9, 400e9),
 }
 
 # Chips -> physical shape. 3-D tori (v4, v5p) wrap around once every side is >= 4 chips.

@@ -55,10 +55,17 @@ class RolloutConfig:
   window_range: tuple = (0, 5)
   window_size: int = 3
   window_per_group: bool = False  # [ours] share one window start across a group's rows
+  # [ours, after DanceGRPO] one initial noise x_1 per group: a group's images then differ only
+  # through the SDE window's actions (and the traces), which is what the image advantage credits
+  group_initial_noise: bool = False
   sde_type: str = "sde"
   # Images decoded per device at a time (0: all rows at once). A FLUX VAE decoding 12 rows of
   # 1024 px per chip at once needs ~36 GB of activations; one row per step needs ~1/12 of that.
   decode_rows: int = 0
+  # Chips per row group of the decode loop (``text.DecodeLayout``): -1 picks the largest of 8,
+  # 4, 2 that divides the heads, the KV heads and the devices (``parallel.auto_decode_tensor``);
+  # 0 or 1 keeps the trainer's layout (every chip computes a slice of every row's contractions).
+  decode_tensor: int = -1
 
   def __post_init__(self):
     def bad(name, why):
@@ -94,6 +101,8 @@ class RolloutConfig:
       bad("window_size", f"does not fit in window_range={self.window_range}")
     if not isinstance(self.decode_rows, int) or self.decode_rows < 0:
       bad("decode_rows", "must be an int >= 0 (0: decode all rows at once)")
+    if not isinstance(self.decode_tensor, int) or self.decode_tensor < -1:
+      bad("decode_tensor", "must be an int >= -1 (-1: automatic, 0 or 1: the trainer's layout)")
     if self.sde_type == "cps" and hi == self.num_steps:
       # CPS has std 0 at t_next = 0: a window over the last step would have an undefined logp.
       bad("window_range", "with sde_type='cps' the window must not include the last step")
@@ -129,13 +138,26 @@ def shard_rows(tree, mesh: Optional[Mesh]):
   return jax.tree.map(one, tree)
 
 
+def decode_layout(mesh: Optional[Mesh], rows: int, model_cfg,
+                  decode_tensor: int = -1) -> Optional[text.DecodeLayout]:
+  """The decode loop's layout on ``mesh`` (``RolloutConfig.decode_tensor``), None: the mesh's."""
+  if mesh is None:
+    return None
+  if decode_tensor == -1:
+    decode_tensor = parallel.auto_decode_tensor(mesh, rows, model_cfg.num_heads,
+                                                model_cfg.num_kv_heads)
+  return text.DecodeLayout.build(mesh, decode_tensor)
+
+
 def reasoning_context(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask: jax.Array,
                       key: jax.Array, sampling: text.SamplingConfig, vision_start_id: int,
-                      group_size: int = 1, mesh: Optional[Mesh] = None):
+                      group_size: int = 1, mesh: Optional[Mesh] = None,
+                      decode_tensor: int = -1):
   """Prefill once per prompt, repeat G times, decode reasoning, append ``<vision_start>``.
 
   Args: prompt_tokens / prompt_mask [Bp, P]; mesh: if given, the B rows are split over its
-  batch axes after the repeat (``shard_rows``). Returns (TextSample of B = Bp * G rows whose
+  batch axes after the repeat (``shard_rows``), and the decode loop runs in
+  ``decode_layout(mesh, B, ..., decode_tensor)``. Returns (TextSample of B = Bp * G rows whose
   cache holds the whole [B, P + T + 1] context, image_position [B] int32).
   """
   p, t = prompt_tokens.shape[1], sampling.max_len
@@ -143,7 +165,10 @@ def reasoning_context(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask
   cache, last_logits = text.prefill(model, prompt_tokens, prompt_mask, p + t + 1)
   cache, last_logits, prompt_mask = (shard_rows(_repeat_rows(a, group_size), mesh)
                                      for a in (cache, last_logits, prompt_mask))
-  sample = text.decode(model, cache, last_logits, prompt_mask, key, sampling)
+  layout = decode_layout(mesh, prompt_mask.shape[0], model.cfg, decode_tensor)
+  sample = text.decode(model, cache, last_logits, prompt_mask, key, sampling, layout=layout)
+  if layout is not None:  # back to the trainer's rows (the image blocks run there)
+    sample = shard_rows(sample, mesh)
   vs_pos = (jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
             + jnp.sum(sample.mask, axis=1, dtype=jnp.int32))
   if model.cfg.block_markers:  # BAGEL: the model puts the markers in the block at p + r
@@ -252,7 +277,7 @@ def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoen
     k_text, k_window, k_noise, k_flow = jax.random.split(key, 4)
     sample, image_pos = reasoning_context(model, prompt_tokens, prompt_mask, k_text,
                                           cfg.sampling, cfg.vision_start_id, cfg.group_size,
-                                          mesh)
+                                          mesh, cfg.decode_tensor)
     b = image_pos.shape[0]
     ctx = sample.cache
 
@@ -262,7 +287,13 @@ def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoen
     starts = flow.random_window_start(
         k_window, b, tuple(cfg.window_range), cfg.window_size,
         group_size=cfg.group_size if cfg.window_per_group else None)
-    noise = jax.random.normal(k_noise, (b, mcfg.num_image_tokens, mcfg.latent_dim), jnp.float32)
+    if cfg.group_initial_noise:  # [Bp, N, D] repeated over each group's rows
+      noise = _repeat_rows(jax.random.normal(
+          k_noise, (b // cfg.group_size, mcfg.num_image_tokens, mcfg.latent_dim), jnp.float32),
+          cfg.group_size)
+    else:
+      noise = jax.random.normal(k_noise, (b, mcfg.num_image_tokens, mcfg.latent_dim),
+                                jnp.float32)
     starts, noise = shard_rows((starts, noise), mesh)
     fs = flow.sample_flow(velocity_fn, noise, grid, k_flow, noise_level=cfg.noise_level,
                           sde_window=(starts, cfg.window_size), sde_type=cfg.sde_type)

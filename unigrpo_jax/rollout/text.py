@@ -23,7 +23,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from unigrpo_jax import parallel
 from unigrpo_jax.models.unified import layout as layer_layout
 from unigrpo_jax.models.unified.kv_cache import KVCache
 from unigrpo_jax.models.unified.model import UnifiedModel
@@ -167,6 +169,66 @@ def decode_step(model: UnifiedModel, state: DecodeState, prompt_slots: int,
       logits=out.logits[:, 0])
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeLayout:
+  """Where the decode loop's arrays live: ``parallel.decode_mesh`` (rows over groups of chips,
+  the understanding expert split over the chips of a group).
+
+  In the trainer's layout (weights FSDP over every chip, rows split over every chip) XLA keeps
+  the weights in place and has every chip compute a slice of each contraction for ALL rows: per
+  token and layer it all-reduces every row's activations over all chips, and per token the f32
+  logits of every row (467 MB on v5p-128). Here the weights a decode step reads (the
+  understanding expert, the embedding and the LM head; matrices cast to the compute dtype, as
+  the model casts them anyway, so the numbers are unchanged) are resharded ONCE per decode call:
+  heads, MLP and vocabulary over the ``tensor`` chips of a group, replicated across groups. A
+  step then all-reduces only its group's rows' [rows, D] activations, twice per layer, inside the
+  group, and each chip holds the logits of its group's rows over its vocabulary shard (sampling
+  reduces over the shards: a max, a sum and an argmax per row).
+  """
+  mesh: Mesh
+
+  @classmethod
+  def build(cls, mesh: Optional[Mesh], tensor: int) -> Optional["DecodeLayout"]:
+    """None (the trainer's layout) without a mesh or for ``tensor`` <= 1."""
+    if mesh is None or tensor <= 1:
+      return None
+    return cls(parallel.decode_mesh(mesh, tensor))
+
+  @property
+  def tensor(self) -> int:
+    return self.mesh.shape["model"]
+
+  def _put(self, x: jax.Array, *spec) -> jax.Array:
+    spec = tuple(a if a is None or x.shape[i] % self.mesh.shape[a] == 0 else None
+                 for i, a in enumerate(spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
+
+  def weights(self, params: nnx.State, compute_dtype) -> nnx.State:
+    """``params`` (a model's state) in this layout; matrices (ndim >= 2) in ``compute_dtype``."""
+    logical = nnx.get_partition_spec(params)
+
+    def place(spec, leaf):
+      if not hasattr(leaf, "ndim") or leaf.ndim == 0:
+        return leaf
+      if leaf.ndim >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating):
+        leaf = leaf.astype(compute_dtype)
+      mesh_spec = parallel.logical_to_mesh_spec(spec, parallel.DECODE_RULES, self.mesh,
+                                                leaf.shape)
+      return jax.lax.with_sharding_constraint(leaf, NamedSharding(self.mesh, mesh_spec))
+
+    return jax.tree.map(place, logical, params, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+  def cache(self, cache: KVCache) -> KVCache:
+    kv = lambda bufs: tuple(self._put(b, "rows", "model") for b in bufs)  # [B, Hkv, ...]
+    return cache.replace(k=kv(cache.k), v=kv(cache.v), valid=self._put(cache.valid, "rows"))
+
+  def state(self, s: DecodeState) -> DecodeState:
+    rows = lambda x: self._put(x, "rows")
+    return s.replace(tokens=rows(s.tokens), logp=rows(s.logp), mask=rows(s.mask),
+                     done=rows(s.done), prompt_len=rows(s.prompt_len),
+                     logits=self._put(s.logits, "rows", "model"), cache=self.cache(s.cache))
+
+
 # Smallest attention window of the decode loop (slots); see ``attention_windows``.
 MIN_WINDOW = 128
 
@@ -193,7 +255,8 @@ def attention_windows(prompt_slots: int, max_len: int, cache_len: int,
 
 
 def decode(model: UnifiedModel, cache: KVCache, last_logits: jax.Array, prompt_mask: jax.Array,
-           key: jax.Array, cfg: SamplingConfig, min_window: int = MIN_WINDOW) -> TextSample:
+           key: jax.Array, cfg: SamplingConfig, min_window: int = MIN_WINDOW,
+           layout: Optional[DecodeLayout] = None) -> TextSample:
   """Decodes up to T = cfg.max_len tokens (stops when all rows are done).
 
   One ``lax.while_loop`` per attention window (``attention_windows``): between two windows the
@@ -204,6 +267,7 @@ def decode(model: UnifiedModel, cache: KVCache, last_logits: jax.Array, prompt_m
     cache: from ``prefill`` with >= P + T slots. last_logits: [B, V]. prompt_mask: [B, P].
     key: PRNG key; step t uses ``fold_in(key, t)``.
     min_window: first window (0: one loop over the whole cache).
+    layout: where the loop's weights and rows live (``DecodeLayout``; None: where they are).
   Returns:
     TextSample ([B, T] tokens / logp / mask, [B] truncated, the updated cache of S slots).
   """
@@ -213,20 +277,26 @@ def decode(model: UnifiedModel, cache: KVCache, last_logits: jax.Array, prompt_m
   # weights are taken out of the stacked [L, ...] arrays once here: sliced inside the loop body,
   # XLA copied every layer's weights on every step.
   graphdef, params = nnx.split(layer_layout.convert_model(model, scan_layers=False))
+  place = (lambda s: s) if layout is None else layout.state
+  pin = (lambda p: p) if layout is None else (
+      lambda p: layout.weights(p, model.cfg.compute_dtype))
+  params = pin(params)  # resharded once per call, not per step
   cache_len = cache.length
 
   def body(state):
     # Merge inside the body so the loop is a pure function of its carried/closed-over arrays.
-    return decode_step(nnx.merge(graphdef, params), state, prompt_slots, cfg)
+    # The layout is pinned inside the body too (XLA chose differently per loop otherwise).
+    return place(decode_step(nnx.merge(graphdef, pin(params)), place(state), prompt_slots, cfg))
 
   # The loop attends over [B, Hkv, D, S] keys (``KVCache.keys_transposed``): one transpose of
   # the keys here and one back at the end, instead of a slower contraction on every step.
-  state = init_decode_state(cache.with_key_layout(True), last_logits, prompt_mask, key, cfg)
+  state = place(init_decode_state(cache.with_key_layout(True), last_logits, prompt_mask, key,
+                                  cfg))
   for width in attention_windows(prompt_slots, cfg.max_len, cache_len, min_window):
     last_step = min(cfg.max_len, width - prompt_slots)  # steps < last_step fit in the window
     cond = lambda s, last_step=last_step: (s.step < last_step) & ~jnp.all(s.done)
     if width != state.cache.length:
-      state = state.replace(cache=state.cache.resized(width))
+      state = place(state.replace(cache=state.cache.resized(width)))
     state = jax.lax.while_loop(cond, body, state)
   cache = state.cache if state.cache.length == cache_len else state.cache.resized(cache_len)
   return TextSample(state.tokens, state.logp, state.mask, ~state.done,

@@ -174,7 +174,8 @@ def rollout_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> R
                        **text_distribution(config, tokenizer), num_steps=r.num_steps,
                        shift=r.shift, noise_level=r.noise_level,
                        window_range=tuple(r.window_range), window_size=r.window_size,
-                       window_per_group=r.window_per_group, sde_type=r.sde_type,
+                       window_per_group=r.window_per_group,
+                       group_initial_noise=r.group_initial_noise, sde_type=r.sde_type,
                        decode_rows=r.get("decode_rows", 0))
 
 

@@ -50,7 +50,9 @@ class Evaluator:
   Prompts with ShapeWorld specs get the ShapeWorld metrics (reward, strict, reasoning and
   per-category accuracy). Prompts without specs (free text, GenEval's metadata lines: the
   real-model path) are scored by ``reward_fn``, the run's own reward, with their prompts and
-  metadata; see ``free_text_metrics`` for what is reported per category."""
+  metadata; see ``free_text_metrics`` for what is reported per category. With several processes
+  every process samples the eval batch, each image is scored once, by the process that owns its
+  row, and every process gets every row's scores (``score_by_owner``): the same metrics."""
 
   def __init__(self, graphdef, rollout_cfg, autoencoder, tokenizer: Tokenizer,
                config: ml_collections.ConfigDict, records: Sequence[dict], reward_fn=None,
@@ -135,7 +137,7 @@ def score_by_owner(score_rows: Callable[[int, int], dict], num_rows: int, name: 
   gives every process every row's results in row order.
 
   ``score_rows(lo, hi)`` -> {key: [hi - lo] array} of rows [lo, hi) (not called for an empty
-  block). A remote reward thus gets one request per row over all processes, not one per process.
+  block). A remote reward thus sees each image once over all processes, not once per process.
   With several processes a failure is shared: every process raises ``scoring.RewardError``
   naming the failing process (none waits for a peer that stopped).
   """

@@ -45,4 +45,4 @@ def score_rollout(reward_fn: Callable, images: np.ndarray, specs: Sequence[sw.Sp
 # Per-row statistics every process computes for its own rows and shares (host data, tiny):
 # the run's reward, advantages and metrics are then computed from the whole batch, identically
 # on every process and identically to a one-process run.
-ROW_STATS = ("reward", "strict", "reasoning_ok", "reasoning_len", "truncated")
+ROW_STATS = ("reward", "strict", "reasoning_ok", "reasoning_len", "truncated", "trace_id")

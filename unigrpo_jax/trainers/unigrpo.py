@@ -27,8 +27,10 @@ from unigrpo_jax.data.pipeline import make_prompt_loader
 from unigrpo_jax.data.shapeworld import world as sw
 from unigrpo_jax.models.autoencoder import to_uint8
 from unigrpo_jax.rl import advantages as adv_lib
+from unigrpo_jax.rl import diagnostics
 from unigrpo_jax.rl.train_step import init_train_state
 from unigrpo_jax.trainers import build, grid, scoring
+from unigrpo_jax.trainers.hacking_monitor import HackingMonitor
 from unigrpo_jax.trainers.evaluate import build_evaluator, eval_records
 from unigrpo_jax.trainers.metrics import (CompileCounter, MetricsLogger, Progress, eval_summary,
                                           restart_metrics)
@@ -144,7 +146,8 @@ def _restart_metrics(workdir: str, last_step) -> None:
 
 def _rollout(run: _Run, batch: dict, key):
   """One rollout over the whole (global) prompt batch -> (trajectory, this process's host rows:
-  uint8 images [b, H, W, 3], reasoning texts, reasoning mask [b, T], truncated [b])."""
+  uint8 images [b, H, W, 3], reasoning texts, reasoning mask [b, T], truncated [b], reasoning
+  tokens [b, T])."""
   tokens, mask = encode_prompts(run.tokenizer, list(batch["prompt"]),
                                 run.config.data.max_prompt_len)
   # Every process passes the whole (tiny) prompt batch: the rollout is one global program.
@@ -157,13 +160,14 @@ def _rollout(run: _Run, batch: dict, key):
       distributed.local_rows(a, run.row_lo, run.row_hi)
       for a in (traj.images, traj.reasoning_tokens, traj.reasoning_mask, traj.truncated)]
   reasoning = decode_reasoning(run.tokenizer, reasoning_tokens, reasoning_mask)
-  return traj, (np.asarray(to_uint8(images)), reasoning, reasoning_mask, truncated)
+  return traj, (np.asarray(to_uint8(images)), reasoning, reasoning_mask, truncated,
+                reasoning_tokens)
 
 
 def _score(run: _Run, batch: dict, host_rows) -> tuple[dict, list]:
   """Rewards of this process's rows, shared with every process -> (per-row stats of the whole
   batch in global row order, every row's prompt category)."""
-  images, reasoning, reasoning_mask, truncated = host_rows
+  images, reasoning, reasoning_mask, truncated, reasoning_tokens = host_rows
   g = run.group_size
   prompts = list(batch["prompt"])
   specs = [sw.Spec.from_json(s) if s else None for s in batch["spec"]]  # None: free text
@@ -180,7 +184,10 @@ def _score(run: _Run, batch: dict, host_rows) -> tuple[dict, list]:
     local = np.stack([
         reward, np.asarray(rewards.get("shapeworld/strict", reward), np.float32),
         np.asarray(reasoning_ok, np.float32),
-        np.sum(reasoning_mask, axis=1).astype(np.float32), np.asarray(truncated, np.float32)], 1)
+        np.sum(reasoning_mask, axis=1).astype(np.float32), np.asarray(truncated, np.float32),
+        # identical traces share an id (offset by the block start: unique across processes)
+        (diagnostics.trace_ids_from_tokens(reasoning_tokens, reasoning_mask)
+         + run.row_lo).astype(np.float32)], 1)
   except scoring.RewardError as e:
     local = str(e)  # every process learns of it and stops (nobody waits for a dead peer)
   shared = distributed.exchange("row_stats", local)
@@ -210,6 +217,9 @@ def _step_metrics(m: dict, stats: dict, categories: list, group_size: int) -> di
   scored = stats["reasoning_ok"][np.isfinite(stats["reasoning_ok"])]
   metrics = {f"train/{k}": v for k, v in m.items()}
   metrics["train/loss"] = m["loss/total"]
+  # Where the groups' reward spread comes from: the traces (text) or the image sampling.
+  spread = diagnostics.spread_sources(reward, stats["trace_id"].astype(np.int64), group_size)
+  metrics.update({f"train/spread/{k}": v for k, v in spread.items()})
   metrics.update({
       "train/reward_mean": float(reward.mean()), "train/reward_std": float(reward.std()),
       "train/strict_mean": float(np.mean(stats["strict"])),
@@ -259,6 +269,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = Progress(config.total_steps, start_step, every=config.log_every)
   preemption = distributed.PreemptionWatch()
   base_key = jax.random.key(config.seed)
+  monitor = HackingMonitor()  # image statistics and the eval-trend warning (reference: first step)
 
   def save(step: int, data_iter_state=None) -> None:
     """Called by every process: orbax writes each process's shards; the JSON item (written by
@@ -279,6 +290,10 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logger.write_images(step, {"samples": picture})
     if jax.process_index() == 0:
       print(eval_summary(step, metrics), flush=True)
+    warning = monitor.observe_eval(step, metrics["eval/strict_accuracy"]) \
+        if "eval/strict_accuracy" in metrics else None
+    if warning:
+      distributed.main_print(f"WARNING: {warning}")
     return metrics
 
   last = {}
@@ -312,6 +327,9 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              f"norm {m['grad_norm/total']}); stopping. Lower the learning rates "
                              "or check the rewards.")
       metrics = _step_metrics(m, stats, categories, run.group_size)
+      lo, hi = run.row_lo, run.row_hi  # the image statistics of this process's rows
+      metrics.update(monitor.step_metrics(step, host_rows[0], stats["reward"][lo:hi],
+                                          stats["strict"][lo:hi]))
       metrics.update({"train/nonfinite_skipped_total": float(counters["nonfinite_total"]),
                       "perf/rollout_time_s": t_rollout, "perf/train_time_s": time.time() - t1})
       if step % config.eval_every == 0 or step == config.total_steps:
