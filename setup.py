@@ -25,7 +25,10 @@ setup(
     # tpu: libtpu for TPU pods, and for `python -m unigrpo_jax.aot` to compile for any TPU slice
     # on a CPU machine. Pinned to the jax version of requirements.txt.
     # test: pyflakes runs the static check for undefined names
-    # (tests/integration/test_static_checks.py).
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3", "pyflakes>=3"],
+    # (tests/integration/test_static_checks.py); gcp-storage-emulator (a GCS API server on
+    # 127.0.0.1) and gcsfs (the client etils.epath uses with EPATH_USE_TF=false) run the gs://
+    # workdir tests (tests/integration/test_gcs_workdir.py).
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3", "pyflakes>=3",
+                             "gcp-storage-emulator>=2024.8.3", "gcsfs>=2024.2"],
                     "tpu": ["jax[tpu]==0.10.2"]},
 )

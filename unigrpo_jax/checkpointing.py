@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Optional
 
 import flax.serialization
@@ -21,6 +20,7 @@ from flax import nnx
 
 from unigrpo_jax.models.unified import layout as layer_layout
 from unigrpo_jax.models.unified.config import ModelConfig
+from unigrpo_jax import paths
 from unigrpo_jax.paths import resolve_path
 
 
@@ -34,26 +34,22 @@ def save_model(path: str, params: nnx.State, model_cfg: ModelConfig, tokenizer_j
   """Writes ``path/meta.json`` and ``path/params.msgpack`` (float32 values, per-layer layout
   whatever ``model_cfg.scan_layers``: see ``models/unified/layout.py``)."""
   params = layer_layout.convert_state(params, model_cfg, scan_layers=False)
-  os.makedirs(path, exist_ok=True)
+  paths.makedirs(path)
   pure = jax.tree.map(lambda a: np.asarray(a, np.float32), params.to_pure_dict())
-  with open(os.path.join(path, "params.msgpack.tmp"), "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(pure))
-  os.replace(os.path.join(path, "params.msgpack.tmp"), os.path.join(path, "params.msgpack"))
+  paths.write_bytes(paths.join(path, "params.msgpack"), flax.serialization.msgpack_serialize(pure))
   meta = {"model_config": dataclasses.asdict(model_cfg), "tokenizer": json.loads(tokenizer_json),
           "extra": extra or {}}
-  with open(os.path.join(path, "meta.json"), "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
+  paths.write_text(paths.join(path, "meta.json"), json.dumps(meta, indent=1, sort_keys=True))
 
 
 def read_meta(path: str) -> dict:
   """The ``meta.json`` of a model directory, with clear errors."""
   real = resolve_path(path)
-  meta_path = os.path.join(real, "meta.json")
-  if not os.path.isdir(real):
+  meta_path = paths.join(real, "meta.json")
+  if not paths.isdir(real):
     raise CheckpointError(f"checkpoint {path!r} does not exist (looked for directory {real})")
   try:
-    with open(meta_path) as f:
-      meta = json.load(f)
+    meta = json.loads(paths.read_text(meta_path))
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f"checkpoint {path!r}: cannot read {meta_path}: {e}") from e
   for key in ("model_config", "tokenizer"):
@@ -74,10 +70,9 @@ def load_params(path: str, abstract: nnx.State) -> nnx.State:
   Values are cast to each abstract leaf's dtype. Raises CheckpointError naming the problem.
   """
   real = resolve_path(path)
-  params_path = os.path.join(real, "params.msgpack")
+  params_path = paths.join(real, "params.msgpack")
   try:
-    with open(params_path, "rb") as f:
-      raw = flax.serialization.msgpack_restore(f.read())
+    raw = flax.serialization.msgpack_restore(paths.read_bytes(params_path))
   except Exception as e:  # msgpack raises several types on corrupt data
     raise CheckpointError(f"checkpoint {path!r}: cannot read {params_path}: {e}") from e
   want = abstract.to_pure_dict()
@@ -115,8 +110,7 @@ class RunCheckpointer:
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     # gs:// (or any URL) is left as is: orbax writes there from every process.
-    root = workdir if "://" in workdir else os.path.abspath(workdir)
-    self.directory = os.path.join(root, "checkpoints")
+    self.directory = paths.join(resolve_path(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,

@@ -21,6 +21,8 @@ import sys
 import traceback
 from typing import Iterator
 
+from unigrpo_jax import paths
+
 LOG_FILE = "log.txt"
 
 
@@ -49,17 +51,24 @@ def _native_stderr_to(log_file) -> Iterator:
 
 
 @contextlib.contextmanager
-def route_logs(workdir: str, verbose: bool = False) -> Iterator[str]:
+def route_logs(workdir: str, verbose: bool = False, process_index: int = 0) -> Iterator[str]:
   """Routes logging (and, unless ``verbose``, native stderr) as the module docstring says.
 
   Yields the log file's path. Everything is restored on exit, so it nests in tests. An
-  exception leaving the block is also written, with its traceback, to the log file.
+  exception leaving the block is also written, with its traceback, to the log file. In a
+  gs:// workdir, process i > 0 writes ``log.process_<i>.txt`` (an object has one writer; local
+  files are appended to by every process of the host).
   """
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, LOG_FILE)
+  paths.makedirs(workdir)
+  name = LOG_FILE if process_index == 0 or not paths.is_remote(workdir) \
+      else f"log.process_{process_index}.txt"
+  path = paths.join(workdir, name)
   root = logging.getLogger()
   saved_level, saved_handlers = root.level, list(root.handlers)
-  with open(path, "a", buffering=1, encoding="utf-8") as log_file, contextlib.ExitStack() as stack:
+  # gs://: the text is kept in memory and the object rewritten every 30 s and at exit; native
+  # stderr reaches it through a pipe (paths.AppendFile.fileno).
+  with paths.AppendFile(path, min_interval_s=30.0) as log_file, \
+      contextlib.ExitStack() as stack:
     console = sys.stderr if verbose else stack.enter_context(_native_stderr_to(log_file))
     to_file = logging.StreamHandler(log_file)
     to_console = logging.StreamHandler(console)

@@ -76,9 +76,15 @@ def main(argv):
     distributed.initialize(distributed.DistributedConfig.from_config(config.distributed))
   except distributed.DistributedError as e:
     sys.exit(f"error: {e}")
-  os.makedirs(_WORKDIR.value, exist_ok=True)
+  from unigrpo_jax import paths
+  try:  # creates the workdir (local or gs://) and proves it writable, before anything compiles
+    import jax
+    paths.check_writable(_WORKDIR.value, tag=f".{jax.process_index()}")
+  except paths.PathError as e:
+    sys.exit(f"error: {e}")
   try:
-    with console.route_logs(_WORKDIR.value, verbose=config.verbose_logs):
+    with console.route_logs(_WORKDIR.value, verbose=config.verbose_logs,
+                            process_index=jax.process_index()):
       run.run(config, _WORKDIR.value)
   except (ValueError, RuntimeError) as e:
     # Bad input (checkpoint, prompt file, rewards) and stopped runs: one clear line, exit 1.

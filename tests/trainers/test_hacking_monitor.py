@@ -63,3 +63,14 @@ def test_no_warning_when_both_fall_or_strict_rises():
   for step in (5, 6):
     mon.step_metrics(step, images, np.full(4, 0.9))
   assert mon.observe_eval(6, 0.7) is None  # strict rose
+
+
+def test_a_resumed_monitor_keeps_the_first_batch_as_reference():
+  images = scenes()
+  first = hm.HackingMonitor()
+  first.step_metrics(1, images, np.full(16, 0.5))
+  later = scenes(16, seed=1)
+  want = first.step_metrics(2, later, np.full(16, 0.5))["hack/hist_distance"]
+  resumed = hm.HackingMonitor(first.reference_list())  # as restored from the checkpoint
+  assert resumed.step_metrics(2, later, np.full(16, 0.5))["hack/hist_distance"] == want
+  assert want > 0

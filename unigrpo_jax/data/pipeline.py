@@ -24,6 +24,7 @@ import numpy as np
 from unigrpo_jax.data.shapeworld import world as sw
 from unigrpo_jax.data import geneval
 from unigrpo_jax.data.tokenizer import Tokenizer
+from unigrpo_jax import paths
 from unigrpo_jax.paths import resolve_path  # package:// -> shipped assets
 from unigrpo_jax.data.shapeworld.world import shapeworld_tokenizer
 
@@ -105,11 +106,10 @@ class PromptFileSource:
   def __init__(self, path: str | os.PathLike, tokenizer: Optional[Tokenizer] = None, *,
                free_text: bool = False):
     self.path = resolve_path(os.fspath(path)) if os.fspath(path).startswith("package://") \
-        else os.fspath(path)
+        else os.fspath(path)  # gs:// prompt files are read through unigrpo_jax.paths
     self.free_text = free_text
     tok = tokenizer or shapeworld_tokenizer()
-    with open(self.path) as f:
-      lines = f.read().splitlines()
+    lines = paths.read_text(self.path).splitlines()
     if not lines:
       raise ValueError(f"{self.path}: no prompts")
     self._records = [self._parse_line(line, n, tok) for n, line in enumerate(lines, start=1)]

@@ -4,7 +4,6 @@ grid. Also the ``eval`` and ``sample`` modes."""
 from __future__ import annotations
 
 import collections
-import os
 from typing import Callable, Sequence
 
 import jax
@@ -12,7 +11,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from unigrpo_jax import distributed
+from unigrpo_jax import distributed, paths
 from unigrpo_jax.data.shapeworld import world as sw
 from unigrpo_jax.data.encoding import decode_reasoning, encode_prompts
 from unigrpo_jax.data.pipeline import PromptFileSource, ShapeWorldSource
@@ -229,7 +228,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, save_only_samples:
   evaluator = build_evaluator(config, graphdef, model_cfg, tokenizer, autoencoder=autoencoder,
                               mesh=mesh)
   metrics, picture = evaluator(params, jax.random.key(config.seed))
-  path = os.path.join(workdir, "samples_eval.png")
+  path = paths.join(workdir, "samples_eval.png")
   if distributed.is_main():
     grid.save_png(path, picture)
   if not save_only_samples:

@@ -1,11 +1,14 @@
 """Sample grids: each cell is an image with its prompt and reasoning written under it."""
 from __future__ import annotations
 
+import io
 import textwrap
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from unigrpo_jax import paths
 
 CELL_SCALE = 4  # 32 px images become 128 px cells: shapes stay crisp (nearest neighbour)
 TEXT_LINES = 7
@@ -38,4 +41,7 @@ def sample_grid(images: np.ndarray, prompts: Sequence[str], reasoning: Sequence[
 
 
 def save_png(path: str, picture: np.ndarray) -> None:
-  Image.fromarray(picture).save(path)
+  """Writes ``picture`` as a PNG to a local or gs:// path."""
+  buf = io.BytesIO()
+  Image.fromarray(picture).save(buf, format="PNG")
+  paths.write_bytes(path, buf.getvalue())

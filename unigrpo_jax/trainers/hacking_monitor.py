@@ -51,8 +51,10 @@ def colour_histogram(images: np.ndarray) -> np.ndarray:
 class HackingMonitor:
   """Per-step image statistics against the first batch seen, and the eval-trend warning."""
 
-  def __init__(self):
-    self.reference: Optional[np.ndarray] = None
+  def __init__(self, reference: Optional[list] = None):
+    """``reference``: a saved ``reference_list()`` (a resumed run), else the first batch's."""
+    self.reference: Optional[np.ndarray] = None if reference is None else np.asarray(
+        reference, np.float64)
     self.last_eval: Optional[tuple[int, float]] = None  # (step, held-out strict accuracy)
     self.rewards: dict[int, float] = {}
     self.warned = False
@@ -72,6 +74,10 @@ class HackingMonitor:
     if strict is not None:
       out["hack/strict_partial_gap"] = float(reward.mean() - np.mean(strict))
     return out
+
+  def reference_list(self) -> Optional[list]:
+    """The reference histogram as a JSON-able list (checkpointed with the host state)."""
+    return None if self.reference is None else self.reference.tolist()
 
   def observe_eval(self, step: int, strict_accuracy: float) -> Optional[str]:
     """Records a held-out evaluation; -> a one-time warning when strict accuracy fell since the

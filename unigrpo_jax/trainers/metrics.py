@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import struct
 import sys
 import threading
@@ -16,6 +15,8 @@ from typing import Mapping, Optional
 
 import jax
 import numpy as np
+
+from unigrpo_jax import paths
 
 
 class CompileCounter:
@@ -66,7 +67,9 @@ class MetricsLogger:
     if tensorboard:
       from clu import metric_writers  # imports TensorFlow: only when asked for
       self._writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_main)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_main else None
+    # Local: an append-mode file; gs://: rewritten on flush (at most every 30 s) and on close.
+    self._jsonl = paths.AppendFile(paths.join(workdir, "metrics.jsonl"),
+                                   min_interval_s=30.0) if self.is_main else None
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
@@ -99,21 +102,19 @@ class MetricsLogger:
 
 def read_metrics(workdir: str) -> list[dict]:
   """All rows of ``workdir/metrics.jsonl``."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  if not paths.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def truncate_metrics(workdir: str, last_step: int) -> list[int]:
   """Drops metrics rows after ``last_step`` (a resumed run rewrites them identically); -1 drops
   every row. A torn last line (a run killed mid-write) is dropped too. -> the dropped steps."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  if not paths.exists(path):
     return []
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
+  lines = [line for line in paths.read_text(path).splitlines() if line.strip()]
   rows = []
   for i, line in enumerate(lines):
     try:
@@ -123,11 +124,7 @@ def truncate_metrics(workdir: str, last_step: int) -> list[int]:
         raise ValueError(f"{path}, line {i + 1}: not JSON: {line[:200]!r}") from None
   kept = [r for r in rows if r["step"] <= last_step]
   if len(kept) != len(lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      for r in kept:
-        f.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    paths.write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
   return [r["step"] for r in rows if r["step"] > last_step]
 
 
@@ -139,8 +136,7 @@ def _event_records(path: str):
   framing: u64 length, u32 crc, data, u32 crc). A torn last record (a killed writer) is left
   out."""
   from tensorboard.compat.proto import event_pb2  # protobuf only: no TensorFlow import
-  with open(path, "rb") as f:
-    data = f.read()
+  data = paths.read_bytes(path)
   pos = 0
   while pos + 12 <= len(data):
     (n,) = struct.unpack_from("<Q", data, pos)
@@ -165,28 +161,25 @@ def restart_metrics(workdir: str, last_step: Optional[int]) -> Optional[str]:
   keep = -1 if last_step is None else last_step
   dropped = truncate_metrics(workdir, keep)
   moved = []
-  names = sorted(n for n in os.listdir(workdir) if n.startswith(EVENTS_PREFIX)) \
-      if os.path.isdir(workdir) else []
+  names = sorted(n for n in paths.listdir(workdir) if n.startswith(EVENTS_PREFIX))
   abandoned = None
   for name in names:
-    path = os.path.join(workdir, name)
+    path = paths.join(workdir, name)
     records = list(_event_records(path))
     if last_step is not None and all(step <= keep for step, _ in records):
       continue
     if abandoned is None:
       stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-      abandoned = os.path.join(workdir, f"abandoned_{stamp}")
+      abandoned = paths.join(workdir, f"abandoned_{stamp}")
       for i in itertools.count(1):
-        if not os.path.exists(abandoned):
+        if not paths.exists(abandoned):
           break
-        abandoned = os.path.join(workdir, f"abandoned_{stamp}_{i}")
-      os.makedirs(abandoned)
-    os.replace(path, os.path.join(abandoned, name))
+        abandoned = paths.join(workdir, f"abandoned_{stamp}_{i}")
+      paths.makedirs(abandoned)
+    paths.rename(path, paths.join(abandoned, name))
     moved.append(name)
     if last_step is not None:  # the file's records up to the checkpoint stay live
-      with open(path + ".tmp", "wb") as f:
-        f.write(b"".join(raw for step, raw in records if step <= keep))
-      os.replace(path + ".tmp", path)
+      paths.write_bytes(path, b"".join(raw for step, raw in records if step <= keep))
   if not dropped and not moved:
     return None
   what = []

@@ -7,7 +7,6 @@ target velocity ``eps - x0``, with t drawn on the sampler's shifted grid distrib
 from __future__ import annotations
 
 import functools
-import os
 import time
 
 import flax.struct
@@ -18,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from unigrpo_jax import checkpointing
+from unigrpo_jax import checkpointing, paths
 from unigrpo_jax.data.encoding import encode_prompts, encode_reasoning
 from unigrpo_jax.data.shapeworld.sft_examples import sample_sft_batch
 from unigrpo_jax.data.tokenizer import Tokenizer
@@ -129,7 +128,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
   progress = Progress(sft.steps, every=config.log_every)
   rng = np.random.default_rng(config.seed)
   key = jax.random.key(config.seed)
-  out_dir = os.path.join(workdir, "model")
+  out_dir = paths.join(workdir, "model")
   for step in range(1, sft.steps + 1):
     t0 = time.time()
     batch, correct = make_sft_batch(rng, tokenizer, autoencoder, config)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Optional
 
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from unigrpo_jax import checkpointing, distributed
+from unigrpo_jax import checkpointing, distributed, paths
 from unigrpo_jax.data import geneval
 from unigrpo_jax.data.encoding import decode_reasoning, encode_prompts
 from unigrpo_jax.data.pipeline import make_prompt_loader
@@ -109,6 +108,7 @@ def _unflat(flat: dict, like):
 
 def _resume(run: _Run, ckpt: checkpointing.RunCheckpointer, loader_iter, workdir: str) -> dict:
   """Restores the latest checkpoint into ``run`` and the loader; -> the host counters
+  (with ``hack_reference``, the monitor's reference colour histogram, when one was saved)
   (``step``, ``nonfinite_total``, ``nonfinite_in_row``), all 0 for a fresh run."""
   counters = {"step": 0, "nonfinite_total": 0, "nonfinite_in_row": 0}
   latest = ckpt.latest_step()
@@ -131,6 +131,8 @@ def _resume(run: _Run, ckpt: checkpointing.RunCheckpointer, loader_iter, workdir
                      "is saved)")
   loader_iter.set_state(host["data_iter"][jax.process_index()])
   counters = {k: host[k] for k in counters}
+  if "hack_reference" in host:  # so a resumed run measures drift from the same first batch
+    counters["hack_reference"] = host["hack_reference"]
   distributed.main_print(f"resumed from {ckpt.directory} at step {counters['step']}")
   _restart_metrics(workdir, counters["step"])
   return counters
@@ -138,7 +140,7 @@ def _resume(run: _Run, ckpt: checkpointing.RunCheckpointer, loader_iter, workdir
 
 def _restart_metrics(workdir: str, last_step) -> None:
   """Process 0 drops the metrics an earlier attempt wrote after ``last_step`` (None: all)."""
-  if distributed.is_main() and os.path.isdir(workdir):
+  if distributed.is_main() and paths.isdir(workdir):
     line = restart_metrics(workdir, last_step)
     if line:
       print(line, flush=True)
@@ -249,7 +251,7 @@ def preemption_line(step: int, latest: Optional[int], saved_now: bool, directory
 def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs UniGRPO; returns the last metrics row written."""
   run = _build(config)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   ckpt = checkpointing.RunCheckpointer(workdir, keep=config.keep_checkpoints,
                                        async_save=config.async_checkpointing)
   loader_iter = iter(make_prompt_loader(run.source, config.rollout.prompts_per_batch,
@@ -269,7 +271,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = Progress(config.total_steps, start_step, every=config.log_every)
   preemption = distributed.PreemptionWatch()
   base_key = jax.random.key(config.seed)
-  monitor = HackingMonitor()  # image statistics and the eval-trend warning (reference: first step)
+  monitor = HackingMonitor(counters.pop("hack_reference", None))  # reference: the first step's
 
   def save(step: int, data_iter_state=None) -> None:
     """Called by every process: orbax writes each process's shards; the JSON item (written by
@@ -278,7 +280,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     distributed.assert_global(state, "saved state ")
     iters = distributed.exchange("data_iter", data_iter_state or loader_iter.get_state())
     ckpt.save(step, _flat(state), {"data_iter": iters, "num_processes": jax.process_count(),
-                                   **counters, "step": step}, force=True)
+                                   **counters, "step": step,
+                                   "hack_reference": monitor.reference_list()}, force=True)
 
   def evaluate(step: int) -> dict:
     t0 = time.time()
@@ -286,7 +289,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      jax.random.fold_in(base_key, 2**31 - 1))  # fixed eval noise
     metrics["perf/eval_time_s"] = time.time() - t0
     if distributed.is_main():
-      grid.save_png(os.path.join(workdir, f"samples_step_{step:06d}.png"), picture)
+      grid.save_png(paths.join(workdir, f"samples_step_{step:06d}.png"), picture)
     logger.write_images(step, {"samples": picture})
     if jax.process_index() == 0:
       print(eval_summary(step, metrics), flush=True)
