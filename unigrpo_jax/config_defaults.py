@@ -59,6 +59,9 @@ def base() -> ml_collections.ConfigDict:
   c.rollout.window_range = (0, 5)  # [paper]
   c.rollout.window_size = 3  # [paper]
   c.rollout.window_per_group = False  # [ours] one window start per group instead of per row
+  # Chips per row group of the decode loop (rollout/text.py DecodeLayout): -1 automatic (the
+  # largest of 8, 4, 2 dividing the heads, KV heads and devices); 0 or 1: the trainer's layout.
+  c.rollout.decode_tensor = -1
   c.rollout.group_initial_noise = False  # [ours, after DanceGRPO] one x_1 per group (program.py)
   c.rollout.sde_type = "sde"
   # images the VAE decodes per device at a time (0: all at once); BAGEL's 1024 px FLUX VAE: 1

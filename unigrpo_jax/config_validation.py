@@ -48,6 +48,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"{r.get('decode_rows')!r}")
   _require(isinstance(r.window_per_group, bool), "rollout.window_per_group",
            f"must be True or False, got {r.window_per_group!r}")
+  _require(isinstance(r.decode_tensor, int) and r.decode_tensor >= -1, "rollout.decode_tensor",
+           f"must be an int >= -1 (-1: automatic, 0 or 1: the trainer's layout), got "
+           f"{r.decode_tensor!r}")
   _require(isinstance(r.group_initial_noise, bool), "rollout.group_initial_noise",
            f"must be True or False, got {r.group_initial_noise!r}")
   o = c.optim

@@ -133,6 +133,18 @@ def test_multiline_instruction_and_costs():
   assert costs["program"]["custom_calls"] == 1
 
 
+def test_on_chip_memory_is_not_hbm_traffic():
+  t = "(bf16[4,4]{1,0:T(8,128)(2,1)S(1)}, f32[2]{0:T(128)})"
+  assert hlo.array_bytes(t) == 4 * 4 * 2 + 8
+  assert hlo.array_bytes(t, hbm_only=True) == 8
+  prefetch = hlo.parse_instruction("  %cs = (bf16[64,64]{1,0:S(1)}, bf16[64,64]{1,0}, u32[]) "
+                                   "copy-start(%w)")
+  assert time_model.traffic(prefetch, {"w": "bf16[64,64]{1,0}"}, {}) == 64 * 64 * 2
+  part = hlo.parse_instruction("  %ss = ((bf16[28,64]{1,0}), bf16[7,64]{1,0:S(1)}, s32[]{:S(2)}) "
+                               "slice-start(%w), slice={[0:7], [0:64]}")
+  assert time_model.traffic(part, {"w": "bf16[28,64]{1,0}"}, {}) == 7 * 64 * 2  # the slice read
+
+
 def test_convolution_flops_ignore_padding_taps():
   """XLA on TPU writes [768, 56] x [56, 28, 128] as a convolution with the 28 heads as a padded
   spatial window: only one tap meets real input."""

@@ -72,6 +72,10 @@ def gcs():
     env = _emulator_env(port)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    # etils.epath caches its backend choice (``gpath._is_tf_installed``): another test in this
+    # process may have made it before EPATH_USE_TF was set, so make it again now and after.
+    from etils.epath import gpath
+    gpath._is_tf_installed.cache_clear()
     try:
       yield env
     finally:
@@ -80,6 +84,7 @@ def gcs():
           os.environ.pop(k, None)
         else:
           os.environ[k] = v
+      gpath._is_tf_installed.cache_clear()
   finally:
     proc.terminate()
     proc.wait(timeout=10)

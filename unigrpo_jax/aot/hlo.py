@@ -33,11 +33,18 @@ _CALLED_LIST = re.compile(r"\b(branch_computations|called_computations)=\{([^}]*
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
-def array_bytes(type_str: str) -> int:
-  """Bytes of every array in a (possibly tuple) HLO type string, e.g. ``(s32[], f32[8,4])``."""
+_ARRAY_LAYOUT = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\](\{[^}]*\})?")
+
+
+def array_bytes(type_str: str, hbm_only: bool = False) -> int:
+  """Bytes of every array in a (possibly tuple) HLO type string, e.g. ``(s32[], f32[8,4])``.
+  ``hbm_only``: skip arrays placed in another memory space (a layout with ``S(n)``, n > 0: on
+  TPU the on-chip VMEM / CMEM buffers XLA prefetches weights into)."""
   total = 0
-  for dtype, dims in _ARRAY.findall(type_str):
+  for dtype, dims, layout in _ARRAY_LAYOUT.findall(type_str):
     if dtype not in DTYPE_BYTES:
+      continue
+    if hbm_only and re.search(r"S\([1-9]\d*\)", layout or ""):
       continue
     size = DTYPE_BYTES[dtype]
     for d in filter(None, dims.split(",")):

@@ -15,13 +15,14 @@ ICI bandwidth of a group: a chip's links are spread evenly over the slice's phys
 uses only the links along the dimensions its chips differ in (from the compile-only devices'
 ``coords``). A group spread over every dimension gets the chip's whole ``ici_bandwidth``; one
 along a single dimension of a 3-D torus a third of it. Latency (a few microseconds per
-collective) is not modelled: a decode step's hundreds of small collectives would add to it.
+collective) is not modelled: a decode step's tens of small collectives would add to it.
 
 The per-loop FLOPs and bytes are read from the partitioned HLO (``hlo_costs``): FLOPs of every
 dot and convolution (fused or not), HBM bytes of every top-level instruction (its operands and
 result; a fusion's operand that it only slices counts the slice, a buffer it updates in place
-counts the update). XLA cannot see into custom calls (Pallas kernels such as splash attention):
-their FLOPs are missing from these counts, and ``custom_calls`` says how many there are.
+counts the update; buffers in on-chip memory, layouts with ``S(n)``, n > 0, count nothing).
+XLA cannot see into custom calls (Pallas kernels such as splash attention): their FLOPs are
+missing from these counts, and ``custom_calls`` says how many there are.
 """
 from __future__ import annotations
 
@@ -73,11 +74,32 @@ def flops(inst: hlo.Instruction, types: dict) -> float:
   return 2.0 * out * rhs[rhs_labels.index("i")] * taps
 
 
+def _tuple_elements(type_str: str) -> list:
+  """Top-level elements of a tuple type string ``(a, (b, c), d)`` -> ["a", "(b, c)", "d"]."""
+  if not type_str.startswith("("):
+    return [type_str]
+  out, depth, start = [], 0, 1
+  for i, ch in enumerate(type_str[1:-1], 1):
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      out.append(type_str[start:i].strip())
+      start = i + 1
+  out.append(type_str[start:len(type_str) - 1].strip())
+  return out
+
+
+def _hbm(type_str: str) -> int:
+  return hlo.array_bytes(type_str, hbm_only=True)
+
+
 def _fusion_bytes(inst: hlo.Instruction, types: dict, comps: dict) -> float:
   fused = comps.get(next((c for r, c in inst.called if r == "calls"), ""))
   if fused is None:
-    return float(sum(hlo.array_bytes(types.get(o, "")) for o in inst.operands)
-                 + hlo.array_bytes(inst.type))
+    return float(sum(_hbm(types.get(o, "")) for o in inst.operands)
+                 + _hbm(inst.type))
   params, users = {}, collections.defaultdict(list)
   ftypes = fused.types()
   for f in fused.instructions:
@@ -87,18 +109,18 @@ def _fusion_bytes(inst: hlo.Instruction, types: dict, comps: dict) -> float:
       users[o].append(f)
   total = 0.0
   for k, operand in enumerate(inst.operands):
-    size = hlo.array_bytes(types.get(operand, ""))
+    size = _hbm(types.get(operand, ""))
     us = users.get(params.get(k), [])
     if us and all(u.opcode in ("dynamic-slice", "slice", "gather") for u in us):
-      size = sum(hlo.array_bytes(u.type) for u in us)  # reads a window of it
+      size = sum(_hbm(u.type) for u in us)  # reads a window of it
     elif us and all(u.opcode == "dynamic-update-slice" and u.operands[0] == params[k]
                     for u in us):
       size = 0  # updated in place: the update is counted with the result
     total += size
   root = next((f for f in fused.instructions if f.is_root), None)
   if root is not None and root.opcode == "dynamic-update-slice" and len(root.operands) > 1:
-    return total + hlo.array_bytes(ftypes.get(root.operands[1], ""))
-  return total + hlo.array_bytes(inst.type)
+    return total + _hbm(ftypes.get(root.operands[1], ""))
+  return total + _hbm(inst.type)
 
 
 def traffic(inst: hlo.Instruction, types: dict, comps: dict) -> float:
@@ -108,12 +130,18 @@ def traffic(inst: hlo.Instruction, types: dict, comps: dict) -> float:
     return 0.0
   if op == "fusion":
     return _fusion_bytes(inst, types, comps)
+  if op in ("copy-start", "slice-start"):  # async copies, e.g. prefetches into on-chip memory
+    parts = _tuple_elements(inst.type)
+    if op == "copy-start" and parts:  # (destination, source, context): source read, dest written
+      return float(sum(_hbm(types.get(o, "")) for o in inst.operands) + _hbm(parts[0]))
+    if len(parts) > 1:  # ((source), destination, context): the slice is read, then written
+      return float(hlo.array_bytes(parts[1]) + _hbm(parts[1]))
   if op == "dynamic-update-slice" and len(inst.operands) > 1:
-    return 2.0 * hlo.array_bytes(types.get(inst.operands[1], ""))
+    return 2.0 * _hbm(types.get(inst.operands[1], ""))
   if op in ("dynamic-slice", "slice"):
-    return 2.0 * hlo.array_bytes(inst.type)
-  return float(sum(hlo.array_bytes(types.get(o, "")) for o in inst.operands)
-               + hlo.array_bytes(inst.type))
+    return 2.0 * _hbm(inst.type)
+  return float(sum(_hbm(types.get(o, "")) for o in inst.operands)
+               + _hbm(inst.type))
 
 
 def hlo_costs(comps: dict, visits, loops: dict) -> dict:
@@ -166,7 +194,7 @@ def group_fraction(groups: Optional[list], coords: Optional[Sequence]) -> float:
 
 
 def ici_seconds(collectives, chip, coords=None) -> tuple:
-  """(seconds per call, {loop: seconds over the call}) of ``collectives`` on ``chip``."""
+  """(seconds per call, [(collective, its seconds per call)]) of ``collectives`` on ``chip``."""
   bw = chip.ici_bandwidth
   if not bw:
     return 0.0, {}
@@ -187,10 +215,11 @@ def terms(compute_s: float, hbm_s: float, ici_s: float) -> dict:
 def analyze(text: str, chip, coords=None, hints: Optional[dict] = None) -> dict:
   """Communication and the three-term model of one compiled program (per chip, from its HLO).
 
-  Returns {"comm": ``comm.summarize``, "hlo_costs": ``hlo_costs``["program"], "loops": {while:
-  {trips, per_iteration terms, per_call terms}}, "ici_s": seconds per call}. The program-level
-  compute and HBM terms are the planner's (analytic FLOPs, ``plan._roofline``'s traffic); here
-  only the ICI term and each loop's three terms.
+  Returns {"comm": ``comm.summarize`` with each loop's FLOPs, HBM bytes and three terms per
+  iteration and per call, "hlo_costs": ``hlo_costs``["program"], "ici_s": seconds per call,
+  "loops_bound_s": the sum of the outermost loops' bounds}. The planner takes the program's
+  compute term from its analytic FLOPs (which include the Pallas kernels'), its HBM term from
+  ``hlo_costs`` and its ICI term from here.
   """
   comps = hlo.parse_module(text)
   n = comm.num_partitions(text)
@@ -217,7 +246,12 @@ def analyze(text: str, chip, coords=None, hints: Optional[dict] = None) -> dict:
                                     for k, v in per_iter.items()}})
     out_loops[name] = entry
   summary["loops"] = out_loops
-  return {"comm": summary, "hlo_costs": costs["program"], "ici_s": ici_total}
+  # Phases run one after another: the outermost loops' bounds add up (a tighter lower bound
+  # than one max over the whole program when phases are bound by different terms).
+  loops_bound = sum(lp["time_per_call"]["bound_s"] for lp in out_loops.values()
+                    if lp["parent"] is None)
+  return {"comm": summary, "hlo_costs": costs["program"], "ici_s": ici_total,
+          "loops_bound_s": loops_bound}
 
 
 def _size(b: float) -> str:
@@ -243,8 +277,9 @@ def format_lines(report: dict) -> list:
     c = p["comm"]
     kinds = ", ".join(f"{k} {_size(v)}" for k, v in c["per_call_bytes"].items() if v)
     lines.append(f"  {name}: compute {_secs(t['compute_s'])}, HBM {_secs(t['hbm_s'])}, ICI "
-                 f"{_secs(t['ici_s'])} -> {_secs(t['bound_s'])} ({t['binds']}-bound); "
-                 f"collectives {_size(c['per_call_total'])} per call ({kinds or 'none'})")
+                 f"{_secs(t['ici_s'])} -> {_secs(t['bound_s'])} ({t['binds']}-bound; its loops "
+                 f"one after another: {_secs(t.get('loops_bound_s', 0.0))}); collectives "
+                 f"{_size(c['per_call_total'])} per call ({kinds or 'none'})")
     for lname, lp in c["loops"].items():
       if not lp["per_iteration_total"]:
         continue

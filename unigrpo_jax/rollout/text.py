@@ -13,6 +13,10 @@ prefill + decode over ``(graphdef, state)``, ``make_prefill_decode`` the same as
 The cache is never copied while decoding: each decode step's layers write the new token's
 key/value into their own cache buffer in place and attend over it (``UnifiedModel`` with
 ``cache_slot``), so a step costs the cache's read and one slot's write per layer, not a copy.
+
+On a mesh the rollout decodes in a ``DecodeLayout``: rows over groups of chips, the weights a
+step reads split Megatron-style inside a group (resharded once per call), so a step moves only
+its group's rows' activations (docs/aot.md, "The decode layout").
 """
 from __future__ import annotations
 
@@ -203,18 +207,26 @@ class DecodeLayout:
                  for i, a in enumerate(spec))
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
 
-  def weights(self, params: nnx.State, compute_dtype) -> nnx.State:
-    """``params`` (a model's state) in this layout; matrices (ndim >= 2) in ``compute_dtype``."""
+  def weights(self, params: nnx.State, compute_dtype, staged: bool = False) -> nnx.State:
+    """``params`` (a model's state) in this layout; matrices (ndim >= 2) in ``compute_dtype``.
+
+    ``staged``: go through ``embed`` split over the row groups first (an all-to-all inside each
+    group, then an all-gather across groups). Straight from the trainer's FSDP layout XLA
+    replicates each matrix whole on every chip before slicing it (the 2.2 GB LM head and
+    embedding included)."""
     logical = nnx.get_partition_spec(params)
+    rules = (((("embed", "rows"),) + parallel.DECODE_RULES, parallel.DECODE_RULES) if staged
+             else (parallel.DECODE_RULES,))
 
     def place(spec, leaf):
       if not hasattr(leaf, "ndim") or leaf.ndim == 0:
         return leaf
       if leaf.ndim >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating):
         leaf = leaf.astype(compute_dtype)
-      mesh_spec = parallel.logical_to_mesh_spec(spec, parallel.DECODE_RULES, self.mesh,
-                                                leaf.shape)
-      return jax.lax.with_sharding_constraint(leaf, NamedSharding(self.mesh, mesh_spec))
+      for r in rules:
+        mesh_spec = parallel.logical_to_mesh_spec(spec, r, self.mesh, leaf.shape)
+        leaf = jax.lax.with_sharding_constraint(leaf, NamedSharding(self.mesh, mesh_spec))
+      return leaf
 
     return jax.tree.map(place, logical, params, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
@@ -280,7 +292,8 @@ def decode(model: UnifiedModel, cache: KVCache, last_logits: jax.Array, prompt_m
   place = (lambda s: s) if layout is None else layout.state
   pin = (lambda p: p) if layout is None else (
       lambda p: layout.weights(p, model.cfg.compute_dtype))
-  params = pin(params)  # resharded once per call, not per step
+  if layout is not None:  # resharded once per call, not per step
+    params = layout.weights(params, model.cfg.compute_dtype, staged=True)
   cache_len = cache.length
 
   def body(state):
@@ -297,7 +310,9 @@ def decode(model: UnifiedModel, cache: KVCache, last_logits: jax.Array, prompt_m
     cond = lambda s, last_step=last_step: (s.step < last_step) & ~jnp.all(s.done)
     if width != state.cache.length:
       state = place(state.replace(cache=state.cache.resized(width)))
-    state = jax.lax.while_loop(cond, body, state)
+    # Pinned on the way out too: else XLA gives the last loop's carry the layout of whatever
+    # reads the result and reshards every step (224 all-gathers per step on v5e-128).
+    state = place(jax.lax.while_loop(cond, body, state))
   cache = state.cache if state.cache.length == cache_len else state.cache.resized(cache_len)
   return TextSample(state.tokens, state.logp, state.mask, ~state.done,
                     cache.with_key_layout(False))

@@ -176,6 +176,7 @@ def rollout_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> R
                        window_range=tuple(r.window_range), window_size=r.window_size,
                        window_per_group=r.window_per_group,
                        group_initial_noise=r.group_initial_noise, sde_type=r.sde_type,
+                       decode_tensor=r.decode_tensor,
                        decode_rows=r.get("decode_rows", 0))
 
 
