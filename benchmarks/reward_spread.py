@@ -10,14 +10,11 @@ prompts, scores it with the ShapeWorld reward and reports, per sampling temperat
   names the right scene, so a failure there is the image policy's.
 
   python benchmarks/reward_spread.py --batches=8 --temperatures=1.0,0.05 \\
-      --out=benchmarks/results/reward_spread.md
+      --out=benchmarks/results/reward_spread.md [--config.rollout.group_initial_noise=True]
 """
 from __future__ import annotations
 
-import argparse
-import ast
-import collections
-import importlib.util
+import copy
 import json
 import os
 import sys
@@ -25,7 +22,10 @@ import time
 
 import jax
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
+from unigrpo_jax import config_validation
 from unigrpo_jax.data.encoding import decode_reasoning, encode_prompts
 from unigrpo_jax.data.pipeline import ShapeWorldSource
 from unigrpo_jax.data.shapeworld import world as sw
@@ -34,23 +34,6 @@ from unigrpo_jax.rewards import shapeworld as sw_reward
 from unigrpo_jax.rl import diagnostics
 from unigrpo_jax.rollout.program import make_rollout
 from unigrpo_jax.trainers import build
-
-
-def load_config(path: str, overrides: dict):
-  spec = importlib.util.spec_from_file_location("cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    try:
-      node[leaf] = ast.literal_eval(value) if isinstance(value, str) else value
-    except (ValueError, SyntaxError):
-      node[leaf] = value  # a plain string (a path)
-  return config
 
 
 def measure(config, batches: int, seed: int) -> dict:
@@ -109,22 +92,26 @@ def measure(config, batches: int, seed: int) -> dict:
   return report
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--config", default="configs/shapes_cpu.py")
-  ap.add_argument("--batches", type=int, default=8)
-  ap.add_argument("--temperatures", default="1.0,0.05")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--set", action="append", default=[],
-                  help="config override KEY=VALUE (e.g. init_checkpoint=DIR), repeatable")
-  ap.add_argument("--out", default="")
-  a = ap.parse_args(argv)
-  overrides = dict(kv.split("=", 1) for kv in a.set)
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes_cpu.py",
+                                         "Config file; override keys with --config.key=value.")
+_BATCHES = flags.DEFINE_integer("batches", 8, "Prompt batches per temperature.")
+_TEMPERATURES = flags.DEFINE_list("temperatures", ["1.0", "0.05"], "rollout.temperature values.")
+_SEED = flags.DEFINE_integer("seed", 0, "Prompt sampling and rollout seed.")
+_OUT = flags.DEFINE_string("out", "", "Write the markdown table here (and a .json beside it).")
+
+
+def main(argv):
+  del argv
   rows = {}
-  for temp in [float(t) for t in a.temperatures.split(",")]:
+  for temp in [float(t) for t in _TEMPERATURES.value]:
     t0 = time.time()
-    config = load_config(a.config, {**overrides, "rollout.temperature": temp})
-    rows[temp] = measure(config, a.batches, a.seed)
+    config = copy.deepcopy(_CONFIG.value)
+    config.rollout.temperature = temp
+    try:  # the trainer's checks, before anything compiles
+      config_validation.validate(config)
+    except config_validation.ConfigError as e:
+      sys.exit(f"error: bad config: {e}")
+    rows[temp] = measure(config, _BATCHES.value, _SEED.value)
     print(f"temperature {temp}: {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
   keys = list(next(iter(rows.values())))
   lines = ["| metric | " + " | ".join(f"T={t:g}" for t in rows) + " |",
@@ -132,13 +119,13 @@ def main(argv=None):
   lines += [f"| {k} | " + " | ".join(f"{rows[t][k]:.3f}" for t in rows) + " |" for k in keys]
   table = "\n".join(lines)
   print(table)
-  if a.out:
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-      f.write(f"`python benchmarks/reward_spread.py {' '.join(argv or sys.argv[1:])}`\n\n{table}\n")
-    with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
+  if _OUT.value:
+    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      f.write(f"`python benchmarks/reward_spread.py {' '.join(sys.argv[1:])}`\n\n{table}\n")
+    with open(os.path.splitext(_OUT.value)[0] + ".json", "w") as f:
       json.dump({str(t): r for t, r in rows.items()}, f, indent=1)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
