@@ -1,9 +1,9 @@
 """Checks a config before anything expensive runs; errors name the field."""
 from __future__ import annotations
 
-import os
-
 import ml_collections
+
+from unigrpo_jax import paths
 
 MODES = ("train", "sft", "eval", "sample")
 
@@ -70,7 +70,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
              f"must be a probability in [0, 1], got {p!r}")
   for field in ("prompt_file", "eval_prompt_file"):
     path = c.data[field]
-    _require(not path or os.path.isfile(path), f"data.{field}", f"{path!r} is not a file")
+    _require(not path or paths.isfile(paths.resolve_path(path)), f"data.{field}",
+             f"{path!r} is not a file")
   _require(c.objective.regularizer in ("velocity_mse", "latent_kl", "none"),
            "objective.regularizer", f"{c.objective.regularizer!r} is not one of "
            "velocity_mse, latent_kl, none")

@@ -86,6 +86,13 @@ def isfile(path) -> bool:
   return _epath(path).is_file()
 
 
+def getsize(path) -> int:
+  """Size in bytes of a local file or a bucket object."""
+  if not is_remote(path):
+    return os.path.getsize(path)  # local-path: not remote
+  return int(_epath(path).stat().length)
+
+
 def makedirs(path) -> None:
   """``mkdir -p`` (a no-op for a bucket prefix that has no marker objects)."""
   if not is_remote(path):

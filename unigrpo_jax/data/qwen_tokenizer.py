@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from unigrpo_jax import paths
+
 # Verbatim from ByteDance-Seed/Bagel inferencer.py (note the space before the newline).
 GEN_THINK_SYSTEM_PROMPT = (
     "You should first think about the planning process in the mind and then generate the image. "
@@ -55,12 +57,12 @@ class QwenTokenizer:
   def from_file(cls, path: str | os.PathLike, **kw) -> "QwenTokenizer":
     """``path`` is a tokenizer.json or a directory holding one."""
     path = str(path)
-    if os.path.isdir(path):
-      path = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(path):
+    if paths.isdir(path):
+      path = paths.join(path, "tokenizer.json")
+    if not paths.isfile(path):
       raise ValueError(f"{path}: tokenizer file not found")
     try:
-      tok = HFTokenizer.from_file(path)
+      tok = HFTokenizer.from_str(paths.read_text(path))  # local or gs://
     except Exception as e:  # tokenizers raises its own exception type on bad JSON
       raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
     return cls(tok, path, **kw)

@@ -17,6 +17,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from unigrpo_jax import paths
+
 # safetensors dtype names -> numpy dtypes (bf16 through ml_dtypes, as safe_open returns it).
 _NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
               "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
@@ -40,12 +42,18 @@ def read_header(path: str) -> dict:
   """Parses and checks a safetensors header: {key: (dtype name, shape)} (metadata dropped).
 
   Raises CheckpointFormatError on a missing, malformed or truncated file (data shorter than the
-  header's offsets say).
+  header's offsets say). ``path`` may be local or ``gs://`` (read through ``unigrpo_jax.paths``).
   """
-  if not os.path.isfile(path):
+  entries, _ = _read_layout(path)
+  return {key: (dtype, shape) for key, (dtype, shape, _) in entries.items()}
+
+
+def _read_layout(path: str) -> tuple[dict, int]:
+  """-> ({key: (dtype name, shape, start byte of its data)}, header end); checked as above."""
+  if not paths.isfile(path):
     raise CheckpointFormatError(f"{path}: file not found")
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
+  size = paths.getsize(path)
+  with paths.open(path, "rb") as f:
     head = f.read(8)
     if len(head) < 8:
       raise CheckpointFormatError(f"{path}: not a safetensors file (shorter than 8 bytes)")
@@ -73,48 +81,56 @@ def read_header(path: str) -> dict:
                                   f"{list(shape)} x {dtype} needs {want}")
     if stop > end:
       end, last = stop, key
-    out[key] = (dtype, shape)
+    out[key] = (dtype, shape, 8 + n + start)
   if 8 + n + end > size:
     raise CheckpointFormatError(f"{path}: truncated: tensor {last!r} ends at byte {8 + n + end} "
                                 f"but the file has {size} bytes")
-  return out
+  return out, 8 + n
 
 
 class TensorIndex:
   """Where each tensor of a (possibly sharded) checkpoint lives; reads them one at a time.
 
   Args:
-    files: the safetensors files (all of them are header-checked now).
+    files: the safetensors files, local or ``gs://`` (all of them are header-checked now).
   Attributes:
-    shapes: {key: shape}; dtypes: {key: safetensors dtype name}; file_of: {key: path}.
+    shapes: {key: shape}; dtypes: {key: safetensors dtype name}; file_of: {key: path};
+    bytes_read: tensor bytes fetched from remote files so far (what a host downloaded).
+
+  Local files are read through ``safe_open`` (memory-mapped). A ``gs://`` file is read in place
+  with ranged reads, never copied to local disk: a slice fetches only the rows of the tensor's
+  first axis that it spans (so a host loading an FSDP-sharded weight reads about its share).
   """
 
   def __init__(self, files: Sequence[str]):
-    self.shapes, self.dtypes, self.file_of = {}, {}, {}
+    self.shapes, self.dtypes, self.file_of, self._offset = {}, {}, {}, {}
+    self.bytes_read = 0
+    self._handles = {}  # remote path -> open binary file (one per shard, closed by close())
     for path in files:
-      for key, (dtype, shape) in read_header(path).items():
+      entries, _ = _read_layout(path)
+      for key, (dtype, shape, offset) in entries.items():
         if key in self.file_of:
           raise CheckpointFormatError(f"{path}: key {key!r} is also in {self.file_of[key]}")
         self.shapes[key], self.dtypes[key], self.file_of[key] = shape, dtype, path
+        self._offset[key] = offset
 
   @classmethod
   def from_path(cls, directory: str, single: str, index: Optional[str] = None) -> "TensorIndex":
     """``directory/single`` or, if absent, the shards named by ``directory/index`` (HF layout)."""
-    path = os.path.join(directory, single)
-    if os.path.isfile(path) or index is None:
+    path = paths.join(directory, single)
+    if paths.isfile(path) or index is None:
       return cls([path])
-    index_path = os.path.join(directory, index)
-    if not os.path.isfile(index_path):
+    index_path = paths.join(directory, index)
+    if not paths.isfile(index_path):
       raise CheckpointFormatError(f"{directory}: neither {single} nor {index} found")
     try:
-      with open(index_path) as f:
-        weight_map = json.load(f)["weight_map"]
+      weight_map = json.loads(paths.read_text(index_path))["weight_map"]
     except (ValueError, KeyError) as e:
       raise CheckpointFormatError(f"{index_path}: not an HF safetensors index ({e})") from None
     shards = sorted(set(weight_map.values()))
-    idx = cls([os.path.join(directory, s) for s in shards])
+    idx = cls([paths.join(directory, s) for s in shards])
     for key, shard in weight_map.items():
-      if idx.file_of.get(key) != os.path.join(directory, shard):
+      if idx.file_of.get(key) != paths.join(directory, shard):
         raise CheckpointFormatError(f"{index_path}: key {key!r} is not in shard {shard}")
     return idx
 
@@ -125,16 +141,48 @@ class TensorIndex:
   def read(self, key: str, index: Optional[tuple] = None) -> np.ndarray:
     """The tensor ``key`` (or ``index``, a tuple of slices, of it) as a numpy array.
 
-    The file is mapped for this one read only: pages of tensors already read do not stay in the
-    process's resident memory (on a 29 GB file they would add up to the whole file).
+    A local file is mapped for this one read only: pages of tensors already read do not stay in
+    the process's resident memory (on a 29 GB file they would add up to the whole file).
     """
-    with safe_open(self.file_of[key], framework="numpy") as handle:
+    path = self.file_of[key]
+    if paths.is_remote(path):
+      return self._read_remote(key, index)
+    with safe_open(path, framework="numpy") as handle:
       if index is None:
         return handle.get_tensor(key)
       return handle.get_slice(key)[index]
 
+  def _read_remote(self, key: str, index: Optional[tuple]) -> np.ndarray:
+    """One ranged read: the rows of axis 0 that ``index`` spans; the other axes sliced here."""
+    shape, dtype = self.shapes[key], np.dtype(_NP_DTYPES[self.dtypes[key]])
+    index = tuple(index or ())
+    index += (slice(None),) * (len(shape) - len(index))
+    if not shape:  # a scalar
+      first, rows, row_bytes = 0, 1, dtype.itemsize
+    else:
+      first, stop, step = index[0].indices(shape[0])
+      if step != 1:
+        raise ValueError(f"{key}: strided slices are not supported ({index[0]})")
+      rows = max(stop - first, 0)
+      row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    path = self.file_of[key]
+    if path not in self._handles:
+      self._handles[path] = paths.open(path, "rb")
+    f = self._handles[path]
+    f.seek(self._offset[key] + first * row_bytes)
+    data = f.read(rows * row_bytes)
+    if len(data) != rows * row_bytes:
+      raise CheckpointFormatError(f"{path}: short read of tensor {key!r} ({len(data)} of "
+                                  f"{rows * row_bytes} bytes)")
+    self.bytes_read += len(data)
+    block = np.frombuffer(data, dtype).reshape((rows,) + tuple(shape[1:]) if shape else ())
+    return block[(slice(None),) + index[1:]].copy() if shape else block.copy()
+
   def close(self):
-    """Nothing stays open between reads (kept for callers that release resources)."""
+    """Closes the remote files' handles (local reads keep nothing open)."""
+    for f in self._handles.values():
+      f.close()
+    self._handles = {}
 
 
 def write_file(path: str, tensors: dict, metadata: Optional[dict] = None) -> None:

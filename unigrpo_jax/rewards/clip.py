@@ -24,7 +24,6 @@ chunk padded), so one compile serves every batch of a given image size; prompts 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Sequence
 
 import jax
@@ -33,7 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from unigrpo_jax import parallel
+from unigrpo_jax import parallel, paths
 from unigrpo_jax.models.clip.model import l2_normalize
 from unigrpo_jax.models.clip.weights import CLIPLoadError, load_clip_state
 from unigrpo_jax.models.clip.processor import CLIPTokenizer, ImageProcessorConfig, preprocess_images
@@ -174,10 +173,10 @@ def scorer_from_config(kind: str, config: ml_collections.ConfigDict) -> CLIPScor
                      "directory (config.json, model.safetensors, tokenizer.json)")
   processor_dir = rm.get(f"{key}_processor_dir", "") or model_dir
   for d in {model_dir, processor_dir}:
-    if not os.path.isdir(d):
+    if not paths.isdir(d):
       raise CLIPLoadError(f"config.reward_models: {kind} directory {d!r} not found")
   m = config.mesh
-  return _cached_scorer(os.path.abspath(model_dir), os.path.abspath(processor_dir),
+  return _cached_scorer(paths.resolve_path(model_dir), paths.resolve_path(processor_dir),
                         (m.data, m.fsdp, m.tensor), int(rm.get("batch_size", 32)))
 
 

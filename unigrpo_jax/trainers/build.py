@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Callable, Optional, Sequence
 
 import jax
 import ml_collections
 from flax import nnx
 
-from unigrpo_jax import checkpointing, distributed, parallel
+from unigrpo_jax import checkpointing, distributed, parallel, paths
 from unigrpo_jax.data import geneval
 from unigrpo_jax.data.encoding import encode_prompts
 from unigrpo_jax.data.pipeline import PromptFileSource, ShapeWorldSource, normalize_prompt
@@ -43,7 +42,7 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "scan_layers"
 
 def is_bagel_dir(path: str) -> bool:
   """A BAGEL download (``llm_config.json`` + ``ema.safetensors``) rather than our own format."""
-  return bool(path) and os.path.isfile(os.path.join(path, "llm_config.json"))
+  return bool(path) and paths.isfile(paths.join(path, "llm_config.json"))
 
 
 def tokenizer_for(config: ml_collections.ConfigDict):
@@ -112,8 +111,8 @@ def autoencoder_for(config: ml_collections.ConfigDict, model_cfg: ModelConfig):
   else the pixel ``PatchAutoencoder`` of the toy world. Its token shape must be the model's."""
   if not is_bagel_dir(config.init_checkpoint):
     return PatchAutoencoder.for_model(model_cfg)
-  path = os.path.join(config.init_checkpoint, "ae.safetensors")
-  if not os.path.isfile(path):
+  path = paths.join(config.init_checkpoint, "ae.safetensors")
+  if not paths.isfile(path):
     raise ValueError(f"BAGEL directory {config.init_checkpoint!r} has no ae.safetensors (the FLUX "
                      f"VAE that turns its image latents into pixels)")
   ae = load_flux_vae(path, image_size=model_cfg.image_size)

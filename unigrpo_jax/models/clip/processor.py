@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unigrpo_jax import paths
 from unigrpo_jax.models.clip.weights import CLIPLoadError
 
 CONTEXT_LENGTH = 77
@@ -36,11 +36,10 @@ _RESAMPLE = {3: "bicubic", 2: "linear"}
 
 
 def _json_or_empty(path: str) -> dict:
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     return {}
   try:
-    with open(path) as f:
-      raw = json.load(f)
+    raw = json.loads(paths.read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CLIPLoadError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(raw, dict):
@@ -61,15 +60,15 @@ class CLIPTokenizer:
   def __init__(self, directory: str, context_length: int = CONTEXT_LENGTH,
                eos_token_id: Optional[int] = None):
     from tokenizers import Tokenizer
-    path = os.path.join(directory, "tokenizer.json")
-    if not os.path.isfile(path):
+    path = paths.join(directory, "tokenizer.json")
+    if not paths.isfile(path):
       raise CLIPLoadError(f"{path}: file not found (the CLIP tokenizer is read from it)")
     try:
-      self._tok = Tokenizer.from_file(path)
+      self._tok = Tokenizer.from_str(paths.read_text(path))
     except Exception as e:  # tokenizers raises a bare Exception on a malformed file
       raise CLIPLoadError(f"{path}: cannot load tokenizer ({e})") from None
-    special = {**_json_or_empty(os.path.join(directory, "tokenizer_config.json")),
-               **_json_or_empty(os.path.join(directory, "special_tokens_map.json"))}
+    special = {**_json_or_empty(paths.join(directory, "tokenizer_config.json")),
+               **_json_or_empty(paths.join(directory, "special_tokens_map.json"))}
     pad_token = _token_name(special.get("pad_token")) or "<|endoftext|>"
     pad_id = self._tok.token_to_id(pad_token)
     if pad_id is None:
@@ -112,7 +111,7 @@ class ImageProcessorConfig:
   @classmethod
   def from_directory(cls, directory: str, image_size: int) -> "ImageProcessorConfig":
     """preprocessor_config.json if present, else CLIP's defaults at the model's image_size."""
-    path = os.path.join(directory, "preprocessor_config.json")
+    path = paths.join(directory, "preprocessor_config.json")
     raw = _json_or_empty(path)
     if not raw:
       return cls(shortest_edge=image_size, crop_size=image_size)

@@ -19,7 +19,9 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors can 
 import numpy as np
 from flax import nnx
 
+from unigrpo_jax import paths
 from unigrpo_jax.models.clip.model import CLIPConfig, CLIPModel, CLIPTowerConfig
+from unigrpo_jax.models.safetensors_io import CheckpointFormatError, TensorIndex, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,11 +45,10 @@ class CLIPLoadError(ValueError):
 
 
 def _read_json(path: str) -> Any:
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise CLIPLoadError(f"{path}: file not found")
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CLIPLoadError(f"{path}: not valid JSON ({e})") from None
 
@@ -71,7 +72,7 @@ def _tower(raw: dict, defaults: dict, where: str) -> CLIPTowerConfig:
 
 def read_config(directory: str) -> CLIPConfig:
   """``directory/config.json`` -> CLIPConfig (HF defaults for absent fields)."""
-  path = os.path.join(directory, "config.json")
+  path = paths.join(directory, "config.json")
   raw = _read_json(path)
   if not isinstance(raw, dict):
     raise CLIPLoadError(f"{path}: expected a JSON object")
@@ -95,27 +96,25 @@ def read_config(directory: str) -> CLIPConfig:
 
 def tensor_files(directory: str) -> dict[str, str]:
   """key -> safetensors file holding it (single file, or a sharded index's weight_map)."""
-  single, index = os.path.join(directory, SINGLE_FILE), os.path.join(directory, INDEX_FILE)
-  if os.path.isfile(index):
+  single, index = paths.join(directory, SINGLE_FILE), paths.join(directory, INDEX_FILE)
+  if paths.isfile(index):
     raw = _read_json(index)
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
       raise CLIPLoadError(f"{index}: no 'weight_map' object")
     out = {}
     for key, fname in weight_map.items():
-      path = os.path.join(directory, fname)
-      if not os.path.isfile(path):
+      path = paths.join(directory, fname)
+      if not paths.isfile(path):
         raise CLIPLoadError(f"{index}: shard {fname!r} (holding {key!r}) not found")
       out[key] = path
     return out
-  if os.path.isfile(single):
-    from safetensors import safe_open
+  if paths.isfile(single):
     try:
-      with safe_open(single, framework="numpy") as f:
-        return {k: single for k in f.keys()}
-    except Exception as e:  # a truncated / non-safetensors file
-      raise CLIPLoadError(f"{single}: cannot read safetensors header ({e})") from None
-  present = sorted(os.listdir(directory)) if os.path.isdir(directory) else None
+      return {k: single for k in read_header(single)}
+    except CheckpointFormatError as e:  # a truncated / non-safetensors file
+      raise CLIPLoadError(f"cannot read safetensors header: {e}") from None
+  present = paths.listdir(directory) if paths.isdir(directory) else None
   if present is None:
     raise CLIPLoadError(f"{directory}: CLIP model directory not found")
   raise CLIPLoadError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (found {present}; "
@@ -133,15 +132,8 @@ def _key(path) -> str:
   return ".".join(map(str, path))
 
 
-def _keys_by_file(keys, files: dict[str, str]) -> dict[str, list[str]]:
-  out: dict[str, list[str]] = {}
-  for key in keys:
-    out.setdefault(files[key], []).append(key)
-  return out
-
-
-def _check(directory: str, files: dict[str, str], flat) -> None:
-  from safetensors import safe_open
+def _check(directory: str, files: dict[str, str], flat) -> TensorIndex:
+  """Every expected tensor present with its shape; -> the index that reads them."""
   expected = {_key(path): tuple(v.shape) for path, v in flat}
   present = {k for k in files if not k.endswith(_IGNORED_SUFFIXES)}
   missing = sorted(set(expected) - present)
@@ -152,29 +144,29 @@ def _check(directory: str, files: dict[str, str], flat) -> None:
   if unexpected:
     raise CLIPLoadError(f"{directory}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} "
                         "in all): config.json does not match the weights")
-  for path, keys in _keys_by_file(expected, files).items():
-    with safe_open(path, framework="numpy") as f:
-      for key in keys:
-        found = tuple(f.get_slice(key).get_shape())
-        if found != expected[key]:
-          raise CLIPLoadError(f"{path}: tensor {key!r} has shape {found}, but config.json "
-                              f"implies {expected[key]}")
+  try:
+    index = TensorIndex(sorted(set(files.values())))
+  except CheckpointFormatError as e:
+    raise CLIPLoadError(str(e)) from None
+  for key in expected:
+    if key not in index.shapes:
+      raise CLIPLoadError(f"{files[key]}: tensor {key!r} (named by {INDEX_FILE}) is not in it")
+    found = tuple(index.shapes[key])
+    if found != expected[key]:
+      raise CLIPLoadError(f"{files[key]}: tensor {key!r} has shape {found}, but config.json "
+                          f"implies {expected[key]}")
+  return index
 
 
 def load_clip_state(directory: str):
   """-> (CLIPConfig, graphdef, nnx.State of float32 numpy arrays). Validates first."""
-  from safetensors import safe_open
   directory = os.fspath(directory)
   cfg = read_config(directory)
   files = tensor_files(directory)
   graphdef, flat = abstract_model(cfg)
-  _check(directory, files, flat)
-  variables = {_key(path): var for path, var in flat}
-  arrays = {}
-  for path, keys in _keys_by_file(variables, files).items():
-    with safe_open(path, framework="numpy") as f:
-      for key in keys:
-        arrays[key] = np.asarray(f.get_tensor(key), np.float32)
+  index = _check(directory, files, flat)
+  arrays = {_key(path): np.asarray(index.read(_key(path)), np.float32) for path, _ in flat}
+  index.close()
   leaves = [(path, var.replace(arrays[_key(path)])) for path, var in flat]
   return cfg, graphdef, nnx.from_flat_state(leaves)
 

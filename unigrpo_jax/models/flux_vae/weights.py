@@ -3,7 +3,6 @@ read off the tensor shapes, and ``load_flux_vae`` (tensor reading: ``models/safe
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from typing import Optional, Sequence
@@ -15,6 +14,7 @@ from flax import nnx
 from unigrpo_jax.models.flux_vae.autoencoder import FluxAutoencoder
 from unigrpo_jax.models.flux_vae.model import (BAGEL_SCALE_FACTOR, BAGEL_SHIFT_FACTOR, FluxVAE,
                                                FluxVAEConfig)
+from unigrpo_jax import paths
 from unigrpo_jax.models.safetensors_io import TensorIndex
 
 log = logging.getLogger(__name__)
@@ -128,9 +128,9 @@ def load_flux_vae(path: str, *, dtype="float32", num_groups: int = 32,
   (peak host memory about one tensor above the final weights). Unknown extra tensors are logged
   once and ignored; quant convs (an SD-style VAE, not FLUX) are an error.
   """
-  if os.path.isdir(path):
-    path = os.path.join(path, "ae.safetensors")
-  if not os.path.isfile(path):
+  if paths.isdir(path):
+    path = paths.join(path, "ae.safetensors")
+  if not paths.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
   t0 = time.perf_counter()
   tensors = TensorIndex([path])  # header checked: dtypes, sizes, truncation

@@ -11,7 +11,6 @@ reads only what its devices hold). The key tables are ``weights.py``.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Callable, Optional
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unigrpo_jax import parallel
+from unigrpo_jax import parallel, paths
 from unigrpo_jax.models.safetensors_io import CheckpointFormatError, TensorIndex
 from unigrpo_jax.models.unified import layout
 from unigrpo_jax.models.unified.config import ModelConfig
@@ -152,7 +151,7 @@ def load_qwen2(path: str, *, dtype: str = "float32", mesh=None, mot: bool = Fals
   (``runtime``: ``scan_layers``, ``remat_policy``, ...) and the sharding ``rules`` are passed
   through.
   """
-  conf_path = os.path.join(path, "config.json")
+  conf_path = paths.join(path, "config.json")
   fields = qwen2_fields(read_json(conf_path), conf_path)
   vs, ve = marker_ids(path, fields["vocab_size"], vision_start_id, vision_end_id)
   tied = bool(read_json(conf_path).get("tie_word_embeddings", False))
@@ -187,10 +186,10 @@ def bagel_config(path: str, *, dtype: str = "float32", image_size: int = 1024,
                  remat: bool = False, **runtime) -> ModelConfig:
   """The ModelConfig of a BAGEL directory: text shapes from ``llm_config.json``, QK-norm on and
   the head untied (BAGEL forces both), image shapes from the generation-head tensors."""
-  conf_path = os.path.join(path, "llm_config.json")
+  conf_path = paths.join(path, "llm_config.json")
   fields = qwen2_fields(read_json(conf_path), conf_path)
   index = index or TensorIndex.from_path(path, "ema.safetensors")
-  ema = os.path.join(path, "ema.safetensors")
+  ema = paths.join(path, "ema.safetensors")
   shapes = index.shapes
   for key in ("vae2llm.weight", "time_embedder.mlp.0.weight", "latent_pos_embed.pos_embed"):
     if key not in shapes:
@@ -239,10 +238,10 @@ def load_bagel(path: str, *, dtype: str = "float32", image_size: int = 1024,
   run_cfg, cfg = cfg, layout.per_layer(cfg)  # read per layer, stack after (scan_layers)
   rows = bagel_key_map(cfg)
   abstract = flat_state(nnx.state(nnx.eval_shape(lambda: UnifiedModel(cfg, nnx.Rngs(0)))))
-  note = f"{os.path.join(path, 'llm_config.json')} ({config_note(cfg)})"
-  unused = _check_tensors(index, rows, abstract, os.path.join(path, "ema.safetensors"), note)
-  _report_unused(os.path.join(path, "ema.safetensors"), unused, BAGEL_SKIPPED_PREFIXES)
-  model = _materialise(cfg, index, rows, os.path.join(path, "ema.safetensors"), mesh,
+  note = f"{paths.join(path, 'llm_config.json')} ({config_note(cfg)})"
+  unused = _check_tensors(index, rows, abstract, paths.join(path, "ema.safetensors"), note)
+  _report_unused(paths.join(path, "ema.safetensors"), unused, BAGEL_SKIPPED_PREFIXES)
+  model = _materialise(cfg, index, rows, paths.join(path, "ema.safetensors"), mesh,
                        rules=rules)
   return layout.convert_model(model, run_cfg.scan_layers, mesh=mesh, rules=rules)
 

@@ -18,12 +18,12 @@ kind           theirs                  ours               why
 from __future__ import annotations
 
 import json
-import os
 from typing import Callable, Optional
 
 import numpy as np
 from flax import nnx
 
+from unigrpo_jax import paths
 from unigrpo_jax.models.safetensors_io import CheckpointFormatError
 from unigrpo_jax.models.unified.config import ModelConfig
 
@@ -210,11 +210,10 @@ def leaf_value(leaf):
 # Configs.
 # ---------------------------------------------------------------------------------------------
 def read_json(path: str) -> dict:
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise CheckpointFormatError(f"{path}: file not found")
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.read_text(path))
   except ValueError as e:
     raise CheckpointFormatError(f"{path}: not valid JSON ({e})") from None
 
@@ -261,11 +260,11 @@ def qwen2_fields(conf: dict, path: str) -> dict:
 
 def _tokenizermarker_ids(directory: str):
   """(<|vision_start|>, <|vision_end|>) ids from ``directory/tokenizer.json``, or (None, None)."""
-  path = os.path.join(directory, "tokenizer.json")
-  if not os.path.isfile(path):
+  path = paths.join(directory, "tokenizer.json")
+  if not paths.isfile(path):
     return None, None
   from tokenizers import Tokenizer  # local: only needed when a tokenizer.json is there
-  tok = Tokenizer.from_file(path)
+  tok = Tokenizer.from_str(paths.read_text(path))
   return tok.token_to_id("<|vision_start|>"), tok.token_to_id("<|vision_end|>")
 
 
