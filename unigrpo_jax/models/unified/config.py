@@ -15,6 +15,8 @@ from unigrpo_jax.models.unified.attention import ATTENTION_IMPLS
 
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "offload_dots")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_EXPERTS = ("und", "gen")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -70,6 +72,14 @@ class ModelConfig:
   # "xla" (dense), "chunked", "splash", "cudnn". attention_chunk: queries per chunk (chunked).
   attention_impl: str = "auto"
   attention_chunk: int = 512
+  # LoRA adapters (models/unified/lora.py). lora_rank 0: none (full fine-tuning). r > 0: each
+  # projection in lora_targets of each expert in lora_experts gets float32 A [in, r] and B
+  # [r, out] (B zero: step 0 is the base model exactly), adding (lora_alpha / r) * x A B;
+  # only the adapters are trained and the frozen base is the reference.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")
+  lora_experts: tuple = ("und", "gen")
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
@@ -113,6 +123,22 @@ class ModelConfig:
                        f"{', '.join(ATTENTION_IMPLS)}")
     if self.attention_chunk <= 0:
       raise ValueError(f"ModelConfig.attention_chunk must be positive, got {self.attention_chunk}")
+    # JSON (checkpoint metadata) gives lists: keep tuples (the config is hashed as a jit static).
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+    object.__setattr__(self, "lora_experts", tuple(self.lora_experts))
+    if self.lora_rank < 0:
+      raise ValueError(f"ModelConfig.lora_rank must be >= 0, got {self.lora_rank}")
+    if self.lora_rank:
+      bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+      if bad or not self.lora_targets:
+        raise ValueError(f"ModelConfig.lora_targets={list(self.lora_targets)}: each must be one "
+                         f"of {list(LORA_TARGETS)}, at least one")
+      bad = [e for e in self.lora_experts if e not in LORA_EXPERTS]
+      if bad or not self.lora_experts:
+        raise ValueError(f"ModelConfig.lora_experts={list(self.lora_experts)}: each must be one "
+                         f"of {list(LORA_EXPERTS)}, at least one")
+      if self.lora_alpha <= 0:
+        raise ValueError(f"ModelConfig.lora_alpha must be positive, got {self.lora_alpha}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of "
@@ -148,6 +174,15 @@ class ModelConfig:
   @property
   def weight_dtype(self):
     return _DTYPES[self.param_dtype]
+
+  @property
+  def lora_scale(self) -> float:
+    """alpha / r: the adapters' product is scaled by this (PEFT's ``scaling``)."""
+    return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+  def lora_on(self, expert: str) -> bool:
+    """Whether ``expert`` ("und" | "gen") carries adapters."""
+    return self.lora_rank > 0 and expert in self.lora_experts
 
   def replace(self, **kwargs) -> "ModelConfig":
     return dataclasses.replace(self, **kwargs)

@@ -15,12 +15,13 @@ Initializer = Callable[..., jax.Array]
 
 
 def annotated_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
-                    axes: Sequence[str | None], dtype) -> nnx.Param:
-  """An ``nnx.Param`` with logical sharding names (not eagerly sharded: parallel.py does it)."""
+                    axes: Sequence[str | None], dtype, kind=nnx.Param) -> nnx.Param:
+  """An ``nnx.Param`` (or subclass ``kind``, e.g. ``nnx.LoRAParam``) with logical sharding names
+  (not eagerly sharded: parallel.py does it)."""
   if len(axes) != len(shape):
     raise ValueError(f"axes {axes} do not match shape {shape}")
-  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
-                   eager_sharding=False)
+  return kind(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
+              eager_sharding=False)
 
 
 def fan_in_init(fan_in_axes: int = 1) -> Initializer:
@@ -91,8 +92,13 @@ class SwiGLU(nnx.Module):
     self.down = annotated_param(rngs, fan_in_init(), (mlp_dim, hidden), ("mlp", "embed"),
                                 param_dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, adapters=None) -> jax.Array:
+    """adapters: the expert's ``lora.ExpertAdapters`` (None: the plain MLP)."""
     x = x.astype(self.dtype)
     gate = x @ self.gate[...].astype(self.dtype)
     up = x @ self.up[...].astype(self.dtype)
-    return (jax.nn.silu(gate) * up) @ self.down[...].astype(self.dtype)
+    if adapters is not None:
+      gate, up = adapters.add("gate", gate, x), adapters.add("up", up, x)
+    hidden = jax.nn.silu(gate) * up
+    out = hidden @ self.down[...].astype(self.dtype)
+    return out if adapters is None else adapters.add("down", out, hidden)

@@ -33,6 +33,7 @@ from unigrpo_jax.models.unified import attention
 from unigrpo_jax.models.unified.config import ModelConfig
 from unigrpo_jax.models.unified.kv_cache import KVCache, write_slots
 from unigrpo_jax.models.unified.latent_io import LatentIO
+from unigrpo_jax.models.unified.lora import ExpertAdapters
 from unigrpo_jax.models.unified.layers import (RMSNorm, SwiGLU, annotated_param, fan_in_init, rope,
                                                zeros_init)
 from unigrpo_jax.models.unified.stack import layer_list, loop_layers, scan_layers, stack_layers
@@ -53,7 +54,7 @@ class ModelOutput:
 class Expert(nnx.Module):
   """One expert's half of a layer: norms, q/k/v/o with Qwen2 biases, optional QK-norm, MLP."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, name: str = "und"):
     d, h, hkv, hd = cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
     pd = cfg.weight_dtype
     self.cfg = cfg
@@ -73,6 +74,8 @@ class Expert(nnx.Module):
       self.q_norm = RMSNorm(hd, cfg.rms_eps, pd, rngs)
       self.k_norm = RMSNorm(hd, cfg.rms_eps, pd, rngs)
     self.mlp = SwiGLU(d, cfg.mlp_dim, cfg.compute_dtype, pd, rngs)
+    # LoRA adapters (None without): models/unified/lora.py.
+    self.lora = ExpertAdapters(cfg, rngs) if cfg.lora_on(name) else None
 
   def qkv(self, x: jax.Array, positions: jax.Array):
     """x: [B, L, D], positions: [B, L] -> q [B, L, H, hd], k and v [B, L, Hkv, hd]."""
@@ -81,6 +84,8 @@ class Expert(nnx.Module):
     q = jnp.einsum("bld,dhk->blhk", h, self.q[...].astype(dt))
     k = jnp.einsum("bld,dhk->blhk", h, self.k[...].astype(dt))
     v = jnp.einsum("bld,dhk->blhk", h, self.v[...].astype(dt))
+    if self.lora is not None:
+      q, k, v = (self.lora.add(n, y, h) for n, y in (("q", q), ("k", k), ("v", v)))
     if self.cfg.qkv_bias:
       q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
                  v + self.v_bias[...].astype(dt))
@@ -92,17 +97,20 @@ class Expert(nnx.Module):
   def finish(self, x: jax.Array, attn_out: jax.Array) -> jax.Array:
     """Residual output projection and MLP: x [B, L, D], attn_out [B, L, H, hd] -> [B, L, D]."""
     dt = self.cfg.compute_dtype
-    x = x + jnp.einsum("blhk,hkd->bld", attn_out.astype(dt), self.o[...].astype(dt)).astype(
-        x.dtype)
-    return x + self.mlp(self.post_attn_norm(x)).astype(x.dtype)
+    attn_out = attn_out.astype(dt)
+    o = jnp.einsum("blhk,hkd->bld", attn_out, self.o[...].astype(dt))
+    if self.lora is not None:
+      o = self.lora.add("o", o, attn_out)
+    x = x + o.astype(x.dtype)
+    return x + self.mlp(self.post_attn_norm(x), self.lora).astype(x.dtype)
 
 
 class MoTLayer(nnx.Module):
   """A decoder layer with an understanding and (if ``cfg.mot``) a generation expert."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.und = Expert(cfg, rngs)
-    self.gen = Expert(cfg, rngs) if cfg.mot else None
+    self.und = Expert(cfg, rngs, "und")
+    self.gen = Expert(cfg, rngs, "gen") if cfg.mot else None
 
   @property
   def gen_expert(self) -> Expert:
