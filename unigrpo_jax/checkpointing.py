@@ -129,6 +129,11 @@ class RunCheckpointer:
         state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()))
     return restored.state, restored.host
 
+  def restore_host(self, step: int) -> dict:
+    """Only the JSON host record of ``step`` (cheap: for checks before any array is read)."""
+    return self.manager.restore(step, args=ocp.args.Composite(
+        host=ocp.args.JsonRestore())).host
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -33,6 +33,15 @@ def base() -> ml_collections.ConfigDict:
   c.model.image_size = 1024  # BAGEL directories only: training resolution (<= 16 * 64 px)
   c.model.vocab_size = 0  # 0: the tokenizer's; larger: the preset's real table (AOT planning)
   c.model.num_layers = 0  # 0: the preset's; fewer: cheaper AOT compiles to extrapolate from
+  # LoRA (models/unified/lora.py): rank 0 = full fine-tuning. With rank > 0 only float32
+  # adapters on the named projections of the named experts train; the base is frozen (and is the
+  # velocity-MSE / KL reference); run checkpoints hold adapters + optimizer state only.
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0
+  c.model.lora.alpha = 16.0
+  c.model.lora.targets = "q,k,v,o,gate,up,down"
+  c.model.lora.experts = "und,gen"
+  c.model.lora.adapters = ""  # a PEFT adapter directory (save_lora's) to start from
 
   c.data = ml_collections.ConfigDict()
   c.data.prompt_file = ""  # optional: one prompt (or JSON {prompt, spec}) per line

@@ -94,6 +94,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
              f"distributed.num_processes={n}")
   _require(c.eval.num_steps > 0, "eval.num_steps", "must be positive")
   _require(c.sft.steps > 0 and c.sft.batch_size > 0, "sft", "steps and batch_size must be > 0")
+  lora = c.model.get("lora")
+  if lora is not None:
+    _require(isinstance(lora.rank, int) and lora.rank >= 0, "model.lora.rank",
+             f"must be an integer >= 0, got {lora.rank!r}")
+    _require(not (lora.rank and c.mode == "sft"), "model.lora.rank",
+             "SFT trains the full model: set model.lora.rank=0 for mode=sft")
+    _require(not lora.get("adapters") or lora.rank > 0, "model.lora.adapters",
+             "adapters given but model.lora.rank is 0")
+    if lora.get("adapters"):
+      _require(paths.isfile(paths.join(lora.adapters, "adapter_config.json")),
+               "model.lora.adapters", f"{lora.adapters!r} has no adapter_config.json")
 
 
 def validate_rewards(c: ml_collections.ConfigDict) -> None:

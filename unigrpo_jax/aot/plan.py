@@ -8,7 +8,7 @@ so what compiles and fits here is what ``python -m unigrpo_jax.main`` would run.
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +20,9 @@ from unigrpo_jax.aot import memory, time_model, topology
 from unigrpo_jax.data.tokenizer import Tokenizer
 from unigrpo_jax.models.autoencoder import PatchAutoencoder
 from unigrpo_jax.models.unified.model import UnifiedModel, count_params
-from unigrpo_jax.models.unified import attention
+from unigrpo_jax.models.unified import attention, lora
 from unigrpo_jax.rl.train_step import abstract_train_state
-from unigrpo_jax.trainers import build, unigrpo
+from unigrpo_jax.trainers import build
 from unigrpo_jax.data.shapeworld.world import shapeworld_tokenizer
 
 PROGRAMS = ("rollout", "train_step")
@@ -177,7 +177,9 @@ def abstract_inputs(config, programs, params_abstract, state_abstract, ocfg, mes
                                                      sharding=programs.batch_sharding), traj)
   rows = bp * config.rollout.group_size
   adv = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=programs.batch_sharding)
-  ref = params_abstract if ocfg.needs_reference else None
+  # LoRA: the reference is the frozen base inside the train state (no second copy).
+  ref = (params_abstract if ocfg.needs_reference and not lora.has_adapters(params_abstract)
+         else None)
   return {"rollout": rollout_args, "train_step": (state_abstract, ref, traj, adv, key)}
 
 

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from unigrpo_jax import parallel
 from unigrpo_jax.rl.objective import ObjectiveConfig, loss_fn
-from unigrpo_jax.models.unified import attention
+from unigrpo_jax.models.unified import attention, lora
 from unigrpo_jax.rl.optim import GEN, UND, OptimConfig, make_optimizer, side_norms
 from unigrpo_jax.rollout.trajectory import Trajectory
 
@@ -32,9 +32,11 @@ class TrainState:
   step: jax.Array
 
 
-def split_params(state: nnx.State):
-  """Full model state -> (Param part, the rest). Only the Param part is optimised."""
-  return nnx.split_state(state, nnx.Param, ...)
+def split_params(state: nnx.State, like: nnx.State = None):
+  """Full model state -> (trainable part, the rest). Only the trainable part is optimised:
+  every Param, or only the LoRA adapters when the model has any (``lora.trainable_filter``;
+  ``like``: the model state that decides, when ``state`` is e.g. its tree of shardings)."""
+  return nnx.split_state(state, lora.trainable_filter(state if like is None else like), ...)
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,7 +65,7 @@ def train_state_shardings(abstract_params: nnx.State, objective_cfg: ObjectiveCo
   params, scalars (counts, step) replicated."""
   params_sh = parallel.state_shardings(abstract_params, mesh, rules)
   param_part, _ = split_params(abstract_params)
-  param_part_sh, _ = split_params(params_sh)
+  param_part_sh, _ = split_params(params_sh, like=abstract_params)
   tx = make_optimizer(optim_cfg, objective_cfg)
   abstract_opt = jax.eval_shape(tx.init, param_part)
   repl = parallel.replicated(mesh)
@@ -109,6 +111,9 @@ def make_train_step(graphdef: nnx.GraphDef, abstract_params: nnx.State,
                     rules=None, *, donate: bool = True, compiler_options=None):
   """Builds ``train_step(train_state, ref_params, trajectory, advantages, key)``.
 
+  ``ref_params`` is the frozen reference's full state, or None when the objective needs none or
+  the model has LoRA adapters (the reference is then the base inside the train state).
+
   Args:
     graphdef: of the model (``parallel.create_sharded_model``).
     abstract_params: the full model state (concrete or ``jax.ShapeDtypeStruct``s; only shapes
@@ -135,6 +140,9 @@ def make_train_step(graphdef: nnx.GraphDef, abstract_params: nnx.State,
   repl = parallel.replicated(mesh)
   n_shards = parallel.batch_parallelism(mesh)
   epochs, n_mb, n_acc = optim_cfg.ppo_epochs, optim_cfg.num_minibatches, optim_cfg.grad_accum
+  # LoRA: the reference is the frozen base inside the train state (adapters zeroed), so the
+  # caller passes no second copy of the weights (ref_params None).
+  base_is_reference = lora.has_adapters(abstract_params)
 
   def constrain(tree):
     """Keeps gathered minibatch rows split over the batch axes (when they divide)."""
@@ -189,6 +197,8 @@ def make_train_step(graphdef: nnx.GraphDef, abstract_params: nnx.State,
     # images / final latents are not needed by the loss: do not gather them every minibatch.
     traj = trajectory.replace(images=None, latents=None)
     adv = advantages.astype(jnp.float32)
+    if base_is_reference and objective_cfg.needs_reference:
+      ref_params = lora.reference_state(state.params)
     param_part, rest = split_params(state.params)
 
     def epoch_body(carry, epoch):
@@ -215,7 +225,7 @@ def make_train_step(graphdef: nnx.GraphDef, abstract_params: nnx.State,
     return new_state, out
 
   # Without a regulariser / text KL the reference is never read and may be passed as None.
-  ref_sh = shardings.params if objective_cfg.needs_reference else None
+  ref_sh = shardings.params if objective_cfg.needs_reference and not base_is_reference else None
   return jax.jit(attention.traced_on(train_step, mesh),
                  in_shardings=(shardings, ref_sh, batch_sh, batch_sh, repl),
                  out_shardings=(shardings, repl),

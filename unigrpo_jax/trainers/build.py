@@ -23,7 +23,7 @@ from unigrpo_jax.data.shapeworld import world as sw
 from unigrpo_jax.data.tokenizer import Tokenizer
 from unigrpo_jax.models.autoencoder import PatchAutoencoder
 from unigrpo_jax.models.flux_vae.weights import load_flux_vae
-from unigrpo_jax.models.unified import attention, layout
+from unigrpo_jax.models.unified import attention, layout, lora, lora_io
 from unigrpo_jax.models.unified.config import ModelConfig, get_preset
 from unigrpo_jax.models.unified.loading import bagel_config, load_bagel
 from unigrpo_jax.models.unified.model import UnifiedModel
@@ -71,9 +71,24 @@ def model_and_params(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
   is only validated here (config, file headers: cheap); ``build_params`` loads it sharded.
   """
   model_cfg, params = _model_and_params(config, tokenizer)
+  try:  # LoRA fields on top of the base's shapes (params, if any, are the base's)
+    model_cfg = model_cfg.replace(**lora_fields(config))
+  except ValueError as e:
+    raise ValueError(f"config.model.lora: {e}") from None
   platform = platform or jax.devices()[0].platform
   impl = attention.resolve_impl(model_cfg.attention_impl, platform, model_cfg.compute_dtype)
   return model_cfg.replace(attention_impl=impl), params
+
+
+def lora_fields(config: ml_collections.ConfigDict) -> dict:
+  """``config.model.lora`` -> ModelConfig's lora_* fields ({} for rank 0 or no section)."""
+  section = config.model.get("lora")
+  if section is None or not section.rank:
+    return {}
+  names = lambda v: tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) \
+      else tuple(v)
+  return dict(lora_rank=int(section.rank), lora_alpha=float(section.alpha),
+              lora_targets=names(section.targets), lora_experts=names(section.experts))
 
 
 def _model_and_params(config, tokenizer):
@@ -126,19 +141,29 @@ def autoencoder_for(config: ml_collections.ConfigDict, model_cfg: ModelConfig):
 def build_params(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                  init_params: Optional[nnx.State], mesh, rules=None):
   """-> (graphdef, full model state in its shardings): loaded from a BAGEL directory straight
-  into the mesh, else a fresh sharded init overwritten by ``init_params`` when given."""
+  into the mesh, else a fresh sharded init overwritten by ``init_params`` when given. With
+  LoRA (``model_cfg.lora_rank``) the base is built so, then fresh adapters are added (or those
+  of ``config.model.lora.adapters``, a PEFT directory)."""
+  base_cfg = lora.base_config(model_cfg)
   if is_bagel_dir(config.init_checkpoint):
     # attention_impl as resolved for the platform by model_and_params (not the config's "auto")
     kw = {**_bagel_kwargs(config), "attention_impl": model_cfg.attention_impl}
     model = load_bagel(config.init_checkpoint, mesh=mesh, rules=rules, **kw)
-    if model.cfg != model_cfg:
-      raise AssertionError(f"loaded config {model.cfg} != validated {model_cfg}")
-    return nnx.split(model)
-  graphdef, params = parallel.create_sharded_model(model_cfg, config.seed, mesh, rules,
+    if model.cfg != base_cfg:
+      raise AssertionError(f"loaded config {model.cfg} != validated {base_cfg}")
+    graphdef, params = nnx.split(model)
+  else:
+    graphdef, params = parallel.create_sharded_model(base_cfg, config.seed, mesh, rules,
                                                      model_fn=UnifiedModel)
-  if init_params is not None:  # host values, the same on every process -> global arrays
-    params = jax.tree.map(distributed.global_array,
-                          parallel.state_shardings(params, mesh, rules), init_params)
+    if init_params is not None:  # host values, the same on every process -> global arrays
+      params = jax.tree.map(distributed.global_array,
+                            parallel.state_shardings(params, mesh, rules), init_params)
+  if not model_cfg.lora_rank:
+    return graphdef, params
+  graphdef, params = lora_io.with_adapters((graphdef, params), model_cfg, config.seed, mesh,
+                                           rules)
+  if config.model.lora.get("adapters"):
+    params = lora_io.load_lora(config.model.lora.adapters, params, model_cfg, mesh, rules)
   return graphdef, params
 
 

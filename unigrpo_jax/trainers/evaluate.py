@@ -219,9 +219,9 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, save_only_samples:
   model_cfg, params = build.model_and_params(config, tokenizer)
   autoencoder = build.autoencoder_for(config, model_cfg)  # before loading: errors first
   mesh = None
-  if build.is_bagel_dir(config.init_checkpoint):
+  if build.is_bagel_dir(config.init_checkpoint) or model_cfg.lora_rank:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    graphdef, params = build.build_params(config, model_cfg, None, mesh)
+    graphdef, params = build.build_params(config, model_cfg, params, mesh)
   else:
     graphdef, fresh = nnx.split(UnifiedModel(model_cfg, nnx.Rngs(config.seed)), nnx.Param)
     params = fresh if params is None else params

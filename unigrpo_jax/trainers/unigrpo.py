@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from unigrpo_jax import checkpointing, distributed, paths
 from unigrpo_jax.data import geneval
@@ -27,7 +28,8 @@ from unigrpo_jax.data.shapeworld import world as sw
 from unigrpo_jax.models.autoencoder import to_uint8
 from unigrpo_jax.rl import advantages as adv_lib
 from unigrpo_jax.rl import diagnostics
-from unigrpo_jax.rl.train_step import init_train_state
+from unigrpo_jax.models.unified import lora
+from unigrpo_jax.rl.train_step import TrainState, init_train_state, split_params
 from unigrpo_jax.trainers import build, grid, scoring
 from unigrpo_jax.trainers.hacking_monitor import HackingMonitor
 from unigrpo_jax.trainers.evaluate import build_evaluator, eval_records
@@ -86,7 +88,9 @@ def _build(config: ml_collections.ConfigDict) -> _Run:
   distributed.check_same_everywhere("the config", same)
 
   graphdef, params = build.build_params(config, model_cfg, init_params, mesh, rules)
-  ref_params = jax.tree.map(jnp.copy, params) if ocfg.needs_reference else None
+  # LoRA: the frozen base inside the train state is the reference (no copy).
+  ref_params = (jax.tree.map(jnp.copy, params)
+                if ocfg.needs_reference and not model_cfg.lora_rank else None)
   train_state = init_train_state(params, ocfg, optcfg, mesh, rules)
   del params
   programs = build.build_programs(config, graphdef, train_state.params, model_cfg, mesh, rules,
@@ -106,6 +110,36 @@ def _unflat(flat: dict, like):
   return jax.tree.unflatten(jax.tree.structure(like), [flat[k] for k in sorted(flat, key=int)])
 
 
+def _saved_state(run: _Run) -> dict:
+  """What a run checkpoint holds: the train state and the reference; with LoRA only the
+  adapters, their optimizer state and the step (megabytes: the frozen base is re-read from
+  ``init_checkpoint``, whose path the host record keeps)."""
+  ts = run.train_state
+  if lora.has_adapters(ts.params):
+    return {"adapters": split_params(ts.params)[0], "opt_state": ts.opt_state, "step": ts.step}
+  return {"train_state": ts, "ref_params": run.ref_params}
+
+
+def _load_saved_state(run: _Run, restored: dict) -> None:
+  if "adapters" in restored:
+    base = split_params(run.train_state.params)[1]
+    run.train_state = TrainState(params=nnx.merge_state(restored["adapters"], base),
+                                 opt_state=restored["opt_state"], step=restored["step"])
+  else:
+    run.train_state, run.ref_params = restored["train_state"], restored["ref_params"]
+
+
+def _check_same_base(run: _Run, host: dict, where: str) -> None:
+  """LoRA adapters only make sense over the base they were trained on."""
+  if not lora.has_adapters(run.train_state.params):
+    return
+  saved, ours = host.get("base_checkpoint"), run.config.init_checkpoint
+  if saved != ours:
+    raise ValueError(f"checkpoint {where} holds LoRA adapters trained on base {saved!r}, but "
+                     f"config.init_checkpoint is {ours!r}: resume with the same base (or use a "
+                     "new workdir)")
+
+
 def _resume(run: _Run, ckpt: checkpointing.RunCheckpointer, loader_iter, workdir: str) -> dict:
   """Restores the latest checkpoint into ``run`` and the loader; -> the host counters
   (with ``hack_reference``, the monitor's reference colour histogram, when one was saved)
@@ -117,12 +151,13 @@ def _resume(run: _Run, ckpt: checkpointing.RunCheckpointer, loader_iter, workdir
     # this run rewrites them, so they leave the live metrics (never a step twice).
     _restart_metrics(workdir, None)
     return counters
-  saved_tree = {"train_state": run.train_state, "ref_params": run.ref_params}
+  saved_tree = _saved_state(run)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                           saved_tree)
+  host = ckpt.restore_host(latest)  # checked before any array is read
+  _check_same_base(run, host, f"{ckpt.directory}/{latest}")
   flat, host = ckpt.restore(latest, _flat(abstract))
-  restored = _unflat(flat, saved_tree)
-  run.train_state, run.ref_params = restored["train_state"], restored["ref_params"]
+  _load_saved_state(run, _unflat(flat, saved_tree))
   n_proc = jax.process_count()
   if host.get("num_processes", 1) != n_proc:
     raise ValueError(f"checkpoint {ckpt.directory}/{latest} was written by "
@@ -276,11 +311,12 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def save(step: int, data_iter_state=None) -> None:
     """Called by every process: orbax writes each process's shards; the JSON item (written by
     process 0) holds every process's data-iterator position."""
-    state = {"train_state": run.train_state, "ref_params": run.ref_params}
+    state = _saved_state(run)
     distributed.assert_global(state, "saved state ")
     iters = distributed.exchange("data_iter", data_iter_state or loader_iter.get_state())
     ckpt.save(step, _flat(state), {"data_iter": iters, "num_processes": jax.process_count(),
                                    **counters, "step": step,
+                                   "base_checkpoint": run.config.init_checkpoint,
                                    "hack_reference": monitor.reference_list()}, force=True)
 
   def evaluate(step: int) -> dict:

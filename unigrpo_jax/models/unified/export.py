@@ -12,6 +12,7 @@ from flax import nnx
 from unigrpo_jax.models.safetensors_io import TensorIndex, numpy_dtype, write_streaming
 from unigrpo_jax.models.unified import layout
 from unigrpo_jax.models.unified.config import ModelConfig
+from unigrpo_jax.models.unified.lora_io import merge_adapters
 from unigrpo_jax.models.unified.model import UnifiedModel
 from unigrpo_jax.models.unified.weights import (BAGEL_PATCH, BAGEL_SKIPPED_PREFIXES,
                                                 BAGEL_VAE_DOWNSAMPLE, bagel_key_map,
@@ -40,7 +41,8 @@ def _host_array(x) -> np.ndarray:
 
 
 def save_bagel(model: UnifiedModel, path: str, *, dtype: str = "bfloat16",
-               state: Optional[nnx.State] = None, source: Optional[str] = None) -> list:
+               state: Optional[nnx.State] = None, source: Optional[str] = None,
+               merge_lora: bool = False) -> list:
   """Writes ``path/ema.safetensors`` (BAGEL's key names and shapes) and ``path/llm_config.json``.
 
   ``state`` (e.g. a trained ``TrainState.params``) overrides the model's own arrays. ``source``,
@@ -49,7 +51,21 @@ def save_bagel(model: UnifiedModel, path: str, *, dtype: str = "bfloat16",
   without it BAGEL loads the file with ``strict=False`` (those keys missing). The file is
   streamed: one tensor (gathered from its shards) in host memory at a time; on a pod every
   process gathers and process 0 writes. Returns the written keys.
+
+  A model with LoRA adapters needs ``merge_lora=True``: the file then holds the merged weights
+  ``W + alpha / r * A B`` (``lora_io.merge_adapters``), a plain BAGEL checkpoint. (The
+  adapters alone: ``lora_io.save_lora``.)
   """
+  if model.cfg.lora_rank:
+    if not merge_lora:
+      raise ValueError("save_bagel: the model has LoRA adapters; pass merge_lora=True to write "
+                       "the merged weights, or use lora_io.save_lora for the adapters alone")
+    full = nnx.state(model)
+    if state is not None:  # e.g. a TrainState's params: the model's other variables come along
+      full = nnx.merge_state(nnx.state(model, nnx.Not(nnx.Param)), state)
+    base_cfg, base_state = merge_adapters(full, model.cfg)
+    graphdef = nnx.split(nnx.eval_shape(lambda: UnifiedModel(base_cfg, nnx.Rngs(0))))[0]
+    model, state = nnx.merge(graphdef, base_state), None
   cfg = model.cfg
   _check_bagel_format(cfg)
   target = numpy_dtype(dtype)

@@ -1,0 +1,34 @@
+"""UniGRPO on BAGEL-7B-MoT on ONE Cloud TPU VM host (v5e-8, v6e-8, v4-8, v5p-8) with LoRA.
+
+    python -m unigrpo_jax.main --config=configs/bagel_lora_1host.py \
+        --config.init_checkpoint=/path/to/BAGEL-7B-MoT --workdir=gs://BUCKET/runs/bagel_lora
+
+What fits, from ``python -m unigrpo_jax.aot --config=configs/bagel_lora_1host.py --topology=T``
+on a CPU machine: the README's "Will it fit?" table (one row per host type).
+
+Memory plan: the 14.16 B base weights frozen in bf16 (28.3 GB over the host's chips, FSDP), and
+float32 LoRA adapters (rank 32, alpha 64, every projection of both experts; ~0.3 % of the
+weights) with their AdamW moments: the only trained state. The velocity-MSE reference is the
+base with the adapters off, not a second copy; a run checkpoint holds adapters, optimizer state
+and data position only. The paper's Table 3 image and group settings (1024 px, 25 steps,
+window 3, G = 24), 8 prompts a step (192 rows); updates of 32 rows in micro-batches of 8
+(one row per chip on 8-chip hosts), so activations are those of one row per chip.
+"""
+from configs import tpu_v5
+
+
+def get_config():
+  c = tpu_v5.pod_config()
+  c.model.param_dtype = "bfloat16"  # the frozen base: 28.3 GB in bf16
+  c.model.lora.rank = 32
+  c.model.lora.alpha = 64.0
+  c.model.lora.targets = "q,k,v,o,gate,up,down"
+  c.model.lora.experts = "und,gen"
+  c.rollout.prompts_per_batch = 8  # 8 x G = 192 rows a step
+  c.optim.num_minibatches = 6  # 32 rows per update, 2 PPO epochs = 12 updates a step
+  c.optim.grad_accum = 4  # micro-batches of 8 rows
+  # Adapters take larger steps than full fine-tuning (flow_grpo trains its LoRA at 3e-4): 10x
+  # the paper's full-model rates (1e-6 text, 3e-5 image). Untuned on the real model.
+  c.optim.lr_und = 1e-5
+  c.optim.lr_gen = 3e-4
+  return c
