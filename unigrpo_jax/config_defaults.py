@@ -75,6 +75,8 @@ def base() -> ml_collections.ConfigDict:
   c.rollout.sde_type = "sde"
   # images the VAE decodes per device at a time (0: all at once); BAGEL's 1024 px FLUX VAE: 1
   c.rollout.decode_rows = 0
+  # each denoising step's model call in this many row chunks per chip (memory, same FLOPs)
+  c.rollout.denoise_chunks = 1
   # Training rollouts use no classifier-free guidance [paper]; only 1.0 is accepted (the key is
   # kept so that setting it fails loudly; evaluation's guidance is eval.cfg_scale).
   c.rollout.cfg_scale = 1.0

@@ -66,6 +66,10 @@ class RolloutConfig:
   # 4, 2 that divides the heads, the KV heads and the devices (``parallel.auto_decode_tensor``);
   # 0 or 1 keeps the trainer's layout (every chip computes a slice of every row's contractions).
   decode_tensor: int = -1
+  # Each denoising step's model call in this many sequential row chunks per chip (1: all rows
+  # at once). The call's activations scale with the rows: 24 rows of 1024 px per chip need
+  # ~20 GB for BAGEL; chunks of 4 a sixth of that, for the same FLOPs.
+  denoise_chunks: int = 1
 
   def __post_init__(self):
     def bad(name, why):
@@ -101,6 +105,8 @@ class RolloutConfig:
       bad("window_size", f"does not fit in window_range={self.window_range}")
     if not isinstance(self.decode_rows, int) or self.decode_rows < 0:
       bad("decode_rows", "must be an int >= 0 (0: decode all rows at once)")
+    if not isinstance(self.denoise_chunks, int) or self.denoise_chunks < 1:
+      bad("denoise_chunks", "must be an int >= 1 (1: every row in one call)")
     if not isinstance(self.decode_tensor, int) or self.decode_tensor < -1:
       bad("decode_tensor", "must be an int >= -1 (-1: automatic, 0 or 1: the trainer's layout)")
     if self.sde_type == "cps" and hi == self.num_steps:
@@ -113,6 +119,39 @@ class RolloutConfig:
                                pad_id=self.pad_id, temperature=self.temperature,
                                top_k=self.top_k, top_p=self.top_p,
                                vocab_limit=self.vocab_limit)
+
+
+class RowChunks:
+  """Splits [B, ...] row arrays into ``chunks`` sequential pieces such that every chip keeps
+  its own rows: chunk c holds rows [c*m, (c+1)*m) of each chip's block of B / S rows (S = the
+  mesh's batch parallelism, m = B / (S * chunks)), so running the pieces one after another
+  (``lax.map``) moves no row between chips."""
+
+  def __init__(self, batch: int, chunks: int, mesh: Optional[Mesh]):
+    self.shards = parallel.batch_parallelism(mesh) if mesh is not None else 1
+    if batch % (self.shards * chunks):
+      raise ValueError(f"rollout.denoise_chunks={chunks}: {batch} rows over {self.shards} "
+                       f"batch shards do not split into {chunks} chunks per shard")
+    self.batch, self.chunks, self.mesh = batch, chunks, mesh
+    self.per = batch // (self.shards * chunks)
+
+  def split(self, tree):
+    """[B, ...] leaves -> [chunks, B / chunks, ...]."""
+    def one(x):
+      rest = x.shape[1:]
+      x = x.reshape((self.shards, self.chunks, self.per) + rest).swapaxes(0, 1)
+      x = x.reshape((self.chunks, self.shards * self.per) + rest)
+      if self.mesh is None:
+        return x
+      return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(
+          None, parallel.BATCH_AXES)))
+    return jax.tree.map(one, tree)
+
+  def merge(self, x):
+    """[chunks, B / chunks, ...] -> [B, ...] (inverse of ``split``)."""
+    rest = x.shape[2:]
+    x = x.reshape((self.chunks, self.shards, self.per) + rest).swapaxes(0, 1)
+    return x.reshape((self.batch,) + rest)
 
 
 def _repeat_rows(tree, g: int):
@@ -281,8 +320,18 @@ def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoen
     b = image_pos.shape[0]
     ctx = sample.cache
 
-    def velocity_fn(x, t):
-      return model(latents=x, times=t, image_position=image_pos, cache=ctx).velocity
+    if cfg.denoise_chunks == 1:
+      def velocity_fn(x, t):
+        return model(latents=x, times=t, image_position=image_pos, cache=ctx).velocity
+    else:  # the same call, ``denoise_chunks`` row chunks per chip one after another
+      chunks = RowChunks(b, cfg.denoise_chunks, mesh)
+      ctx_chunks, pos_chunks = chunks.split((ctx, image_pos))  # split once, read every step
+
+      def velocity_fn(x, t):
+        def one(args):
+          x_c, t_c, pos_c, ctx_c = args
+          return model(latents=x_c, times=t_c, image_position=pos_c, cache=ctx_c).velocity
+        return chunks.merge(jax.lax.map(one, (*chunks.split((x, t)), pos_chunks, ctx_chunks)))
 
     starts = flow.random_window_start(
         k_window, b, tuple(cfg.window_range), cfg.window_size,

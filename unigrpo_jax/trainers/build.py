@@ -201,7 +201,8 @@ def rollout_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> R
                        window_per_group=r.window_per_group,
                        group_initial_noise=r.group_initial_noise, sde_type=r.sde_type,
                        decode_tensor=r.decode_tensor,
-                       decode_rows=r.get("decode_rows", 0))
+                       decode_rows=r.get("decode_rows", 0),
+                       denoise_chunks=r.get("denoise_chunks", 1))
 
 
 def objective_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ObjectiveConfig:
