@@ -26,6 +26,9 @@ def get_config():
   c.model.lora.experts = "und,gen"
   c.rollout.prompts_per_batch = 8  # 8 x G = 192 rows a step
   c.rollout.denoise_chunks = 6  # 24 (8 chips) or 48 (4 chips) rows per chip: 6 calls of 4 or 8
+  # One rematerialised forward per window block in the train step: one block's activations per
+  # chip (3 x 4096 image tokens at once need ~7 GB more on a 16 GB v5e chip).
+  c.objective.separate_window_blocks = True
   c.optim.num_minibatches = 6  # 32 rows per update, 2 PPO epochs = 12 updates a step
   c.optim.grad_accum = 4  # micro-batches of 8 rows
   # Adapters take larger steps than full fine-tuning (flow_grpo trains its LoRA at 3e-4): 10x

@@ -97,6 +97,8 @@ def base() -> ml_collections.ConfigDict:
   c.objective.regularizer = "velocity_mse"  # velocity_mse | latent_kl | none
   c.objective.reg_weight = 1.5e-5  # [paper]
   c.objective.stop_context_grad = True  # [ours]
+  # one rematerialised train forward per window block: 1/K of the activations, +1 forward each
+  c.objective.separate_window_blocks = False
   c.objective.train_text = True
   c.objective.train_image = True
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unigrpo_jax.models.unified.model import ModelOutput
 from unigrpo_jax.rl import losses
 from unigrpo_jax.rollout import distribution, flow
 from unigrpo_jax.rollout.distribution import token_logprobs
@@ -55,6 +56,8 @@ class ObjectiveConfig:
   flow_weight: lambda. regularizer: "velocity_mse" | "latent_kl" | "none"; reg_weight: its
     weight (paper 1.5e-5).
   stop_context_grad: the flow loss does not reach the text policy through the context [ours].
+  separate_window_blocks: one rematerialised forward per window block (``_forward``): the
+    train step's activations of one block instead of K (memory), for one more forward each.
   train_text / train_image: False freezes that side (its params stay bit-identical) and drops
     its loss terms from the objective.
   temperature / top_k / top_p / vocab_limit: the text sampling distribution
@@ -73,6 +76,7 @@ class ObjectiveConfig:
   regularizer: str = "velocity_mse"
   reg_weight: float = 1.5e-5
   stop_context_grad: bool = True
+  separate_window_blocks: bool = False
   train_text: bool = True
   train_image: bool = True
   temperature: float = 1.0
@@ -135,17 +139,44 @@ def _step_means(step_fn, window, v, noise_level) -> jax.Array:
   return mean.reshape(x_t.shape)
 
 
-def _forward(graphdef, state, layout, window, cfg: ObjectiveConfig, compute_logits: bool,
-             reasoning_slots: tuple[int, int] = (0, 0)):
-  """The packed forward. With ``compute_logits`` the LM head runs only on the slots that
-  predict the reasoning tokens: ``reasoning_slots`` = (P, T) gives logits [B, T, V] at slots
-  P - 1 .. P + T - 2 (slot s predicts the token at s + 1), never over the whole context."""
+def _packed(graphdef, state, layout, x_t, t, cfg: ObjectiveConfig, compute_logits: bool,
+            reasoning_slots: tuple[int, int]):
   model = nnx.merge(graphdef, state)
   p_slots, t_slots = reasoning_slots
-  return model(layout.tokens, layout.positions, layout.valid, latents=window.x_t,
-               times=window.t, image_position=layout.image_position,
-               stop_context_grad=cfg.stop_context_grad, compute_logits=compute_logits,
+  return model(layout.tokens, layout.positions, layout.valid, latents=x_t, times=t,
+               image_position=layout.image_position, stop_context_grad=cfg.stop_context_grad,
+               compute_logits=compute_logits,
                logits_slice=(p_slots - 1, t_slots) if compute_logits else None)
+
+
+def _forward(graphdef, state, layout, window, cfg: ObjectiveConfig, compute_logits: bool,
+             reasoning_slots: tuple[int, int] = (0, 0)):
+  """The packed forward: text logits and the K window blocks' velocities [B, K, N, Dl]. With
+  ``compute_logits`` the LM head runs only on the slots that predict the reasoning tokens:
+  ``reasoning_slots`` = (P, T) gives logits [B, T, V] at slots P - 1 .. P + T - 2 (slot s
+  predicts the token at s + 1), never over the whole context.
+
+  ``cfg.separate_window_blocks``: one forward per block instead (the blocks are isolated from
+  each other, so the values are the same), each under ``jax.checkpoint``: the backward pass then
+  holds one block's activations at a time, not K, for one more forward of each block.
+  """
+  k = window.x_t.shape[1]
+  if not cfg.separate_window_blocks or k == 1:
+    return _packed(graphdef, state, layout, window.x_t, window.t, cfg, compute_logits,
+                   reasoning_slots)
+  logits, velocities = None, []
+  for j in range(k):
+    with_logits = compute_logits and j == 0
+
+    def one(state, x_t, t, with_logits=with_logits):
+      out = _packed(graphdef, state, layout, x_t, t, cfg, with_logits, reasoning_slots)
+      return out.logits, out.velocity
+
+    lg, v = jax.checkpoint(one)(state, window.x_t[:, j:j + 1], window.t[:, j:j + 1])
+    logits = lg if with_logits else logits
+    velocities.append(v)
+  return ModelOutput(logits=logits, velocity=jnp.concatenate(velocities, axis=1),
+                     text_k=None, text_v=None)
 
 
 def _context_layout(graphdef, params, batch: Trajectory, cfg: ObjectiveConfig):
