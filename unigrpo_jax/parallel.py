@@ -37,6 +37,10 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
+    # The untied LM head [D, V] has names of its own so a config can shard it apart from the
+    # other weights (e.g. its vocabulary over fsdp, so the logits never gather the whole head).
+    ("head_embed", "fsdp"),
+    ("head_vocab", "tensor"),
     ("head_dim", None),
     ("latent", None),
     ("norm", None),
@@ -215,7 +219,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # MLP and vocabulary split Megatron-style. Every other logical axis is replicated in a group.
 DECODE_AXES = ("rows", "model")
 DECODE_RULES: Rules = (("heads", "model"), ("kv_heads", "model"), ("mlp", "model"),
-                       ("vocab", "model"))
+                       ("vocab", "model"), ("head_vocab", "model"))
 
 
 def decode_mesh(mesh: Mesh, tensor: int) -> Mesh:

@@ -215,7 +215,8 @@ class DecodeLayout:
     replicates each matrix whole on every chip before slicing it (the 2.2 GB LM head and
     embedding included)."""
     logical = nnx.get_partition_spec(params)
-    rules = (((("embed", "rows"),) + parallel.DECODE_RULES, parallel.DECODE_RULES) if staged
+    rules = (((("embed", "rows"), ("head_embed", "rows")) + parallel.DECODE_RULES,
+              parallel.DECODE_RULES) if staged
              else (parallel.DECODE_RULES,))
 
     def place(spec, leaf):

@@ -205,7 +205,7 @@ class UnifiedModel(nnx.Module):
     self.und_norm = RMSNorm(cfg.hidden, cfg.rms_eps, pd, rngs)
     self.gen_norm = RMSNorm(cfg.hidden, cfg.rms_eps, pd, rngs) if cfg.mot else None
     self.lm_head = None if cfg.tie_embeddings else annotated_param(
-        rngs, fan_in_init(), (cfg.hidden, cfg.vocab_size), ("embed", "vocab"), pd)
+        rngs, fan_in_init(), (cfg.hidden, cfg.vocab_size), ("head_embed", "head_vocab"), pd)
     self.latent_io = LatentIO(cfg, rngs)
 
   def __call__(self, tokens: Optional[jax.Array] = None,
