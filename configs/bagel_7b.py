@@ -38,6 +38,10 @@ def get_config():
   c.objective.flow_weight = 1.0  # [paper] lambda
   c.objective.text_kl_coef = 0.0  # [paper]
   c.objective.flow_clip = 1e-6  # [paper] e_img
+  # bf16: the rollout's and the train step's forwards differ by more than 1e-6 in a window
+  # step's log-prob (tests/rl/test_bf16_onpolicy.py): take PPO's old log-probs from the train
+  # step's own forward, or the first epoch clips those steps.
+  c.objective.recompute_old_logp = True
   c.objective.regularizer = "velocity_mse"  # [paper]
   c.objective.reg_weight = 1.5e-5  # [paper]
   c.optim.lr_und = 1e-6  # [paper]

@@ -99,6 +99,9 @@ def base() -> ml_collections.ConfigDict:
   c.objective.stop_context_grad = True  # [ours]
   # one rematerialised train forward per window block: 1/K of the activations, +1 forward each
   c.objective.separate_window_blocks = False
+  # PPO's old log-probs from the train step's own forward before any update (bf16: the rollout's
+  # cached forward differs from it by more than a 1e-6 flow clip), one extra forward per step
+  c.objective.recompute_old_logp = False
   c.objective.train_text = True
   c.objective.train_image = True
 

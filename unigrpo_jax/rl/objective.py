@@ -58,6 +58,11 @@ class ObjectiveConfig:
   stop_context_grad: the flow loss does not reach the text policy through the context [ours].
   separate_window_blocks: one rematerialised forward per window block (``_forward``): the
     train step's activations of one block instead of K (memory), for one more forward each.
+  recompute_old_logp: the PPO ratio's "old" log-probs (and the window steps' old means, which
+    RatioNorm reads) come from the train step's own forward under the rollout's params, before
+    any update, instead of from the rollout. In bf16 the rollout's cached forward and the packed
+    train forward differ by ~5e-5 in a window step's log-prob (tiny BAGEL), 50x a 1e-6 flow
+    clip: every first-epoch ratio would be clipped. One more forward per step (no backward).
   train_text / train_image: False freezes that side (its params stay bit-identical) and drops
     its loss terms from the objective.
   temperature / top_k / top_p / vocab_limit: the text sampling distribution
@@ -77,6 +82,7 @@ class ObjectiveConfig:
   reg_weight: float = 1.5e-5
   stop_context_grad: bool = True
   separate_window_blocks: bool = False
+  recompute_old_logp: bool = False
   train_text: bool = True
   train_image: bool = True
   temperature: float = 1.0
@@ -225,6 +231,16 @@ def policy_logprobs(params: nnx.State, graphdef: nnx.GraphDef, batch: Trajectory
   terms = _policy_terms(params, graphdef, batch, layout, cfg)
   return (jnp.where(batch.reasoning_mask, terms["logp"], 0.0),
           jnp.where(terms["flow_mask"] > 0, terms["flow_logp"], 0.0))
+
+
+def behaviour_terms(params: nnx.State, graphdef: nnx.GraphDef, batch: Trajectory,
+                    cfg: ObjectiveConfig):
+  """The train path's view of the rollout's actions under ``params`` (no gradient): text
+  log-probs [B, T], window log-probs [B, K] and window means [B, K, N, Dl], in the fields the
+  loss reads them from (``reasoning_logp``, ``window.logp``, ``window.mean``)."""
+  layout = _context_layout(graphdef, params, batch, cfg)
+  terms = jax.lax.stop_gradient(_policy_terms(params, graphdef, batch, layout, cfg))
+  return terms["logp"], terms["flow_logp"], terms["mean_theta"]
 
 
 def loss_fn(params: nnx.State, ref_params: Optional[nnx.State], graphdef: nnx.GraphDef,

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from unigrpo_jax import parallel
+from unigrpo_jax.rl import objective
 from unigrpo_jax.rl.objective import ObjectiveConfig, loss_fn
 from unigrpo_jax.models.unified import attention, lora
 from unigrpo_jax.rl.optim import GEN, UND, OptimConfig, make_optimizer, side_norms
@@ -132,7 +133,9 @@ def make_train_step(graphdef: nnx.GraphDef, abstract_params: nnx.State,
     FIRST minibatch of the first epoch only (before any update, so with the rollout params the
     ratios must be 1 and the maxdiffs ~0; later minibatches of the same epoch run after an
     update and would not test that), and ``grad_norm/{und,gen,total}`` (raw, before clipping,
-    mean over iterations).
+    mean over iterations). With ``objective_cfg.recompute_old_logp`` the old log-probs come from
+    this step's own forward before any update, and ``onpolicy/rollout_{text,flow}_logp_maxdiff``
+    report how far the rollout's differed from it.
   """
   shardings = train_state_shardings(abstract_params, objective_cfg, optim_cfg, mesh, rules)
   tx = make_optimizer(optim_cfg, objective_cfg)
@@ -189,6 +192,33 @@ def make_train_step(graphdef: nnx.GraphDef, abstract_params: nnx.State,
     param_part = optax.apply_updates(param_part, updates)
     return (param_part, opt_state), metrics
 
+  def old_terms_from_train_path(params, traj):
+    """``behaviour_terms`` over the batch in micro-batch-sized chunks (chunk c = rows c, c + n,
+    ...: spread over the batch shards like the rows themselves) -> traj with its old log-probs
+    and window means replaced, and the rollout-vs-train maxdiffs (``objective.recompute_old_logp``)."""
+    batch = traj.reasoning_logp.shape[0]
+    n = n_mb * n_acc
+    rows = jnp.arange(batch).reshape(batch // n, n).T  # [n, micro]
+    text_lp, flow_lp, mean = jax.lax.map(
+        lambda r: objective.behaviour_terms(params, graphdef, constrain(_take_rows(traj, r)),
+                                            objective_cfg), rows)
+    unchunk = lambda a: jnp.zeros((batch,) + a.shape[2:], a.dtype).at[rows.reshape(-1)].set(
+        a.reshape((-1,) + a.shape[2:]))
+    text_lp, flow_lp, mean = unchunk(text_lp), unchunk(flow_lp), unchunk(mean)
+    text_mask = traj.reasoning_mask
+    flow_mask = (traj.window.step_index >= 0) & (traj.window.std > 0)
+    diffs = {
+        "onpolicy/rollout_text_logp_maxdiff": jnp.max(jnp.where(
+            text_mask, jnp.abs(text_lp - traj.reasoning_logp), 0.0)),
+        "onpolicy/rollout_flow_logp_maxdiff": jnp.max(jnp.where(
+            flow_mask, jnp.abs(flow_lp - traj.window.logp), 0.0)),
+    }
+    traj = traj.replace(reasoning_logp=jnp.where(text_mask, text_lp, traj.reasoning_logp),
+                        window=traj.window.replace(logp=jnp.where(flow_mask, flow_lp,
+                                                                  traj.window.logp),
+                                                   mean=mean))
+    return traj, diffs
+
   def train_step(state: TrainState, ref_params, trajectory: Trajectory, advantages, key):
     batch = advantages.shape[0]
     if batch % (n_mb * n_acc):
@@ -196,6 +226,9 @@ def make_train_step(graphdef: nnx.GraphDef, abstract_params: nnx.State,
                        f"grad_accum = {n_mb} * {n_acc}")
     # images / final latents are not needed by the loss: do not gather them every minibatch.
     traj = trajectory.replace(images=None, latents=None)
+    rollout_diffs = {}
+    if objective_cfg.recompute_old_logp:
+      traj, rollout_diffs = old_terms_from_train_path(state.params, traj)
     adv = advantages.astype(jnp.float32)
     if base_is_reference and objective_cfg.needs_reference:
       ref_params = lora.reference_state(state.params)
@@ -220,6 +253,7 @@ def make_train_step(graphdef: nnx.GraphDef, abstract_params: nnx.State,
         out[f"onpolicy/{name}"] = val[0, 0]
       if name.startswith("onpolicy/"):
         out[name] = val[0, 0]
+    out.update(rollout_diffs)
     new_state = TrainState(params=nnx.merge_state(param_part, rest), opt_state=opt_state,
                            step=state.step + 1)
     return new_state, out

@@ -215,6 +215,7 @@ def objective_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) ->
       ratio_norm=o.ratio_norm, reweight_by_dt=o.reweight_by_dt, flow_weight=o.flow_weight,
       regularizer=o.regularizer, reg_weight=o.reg_weight, stop_context_grad=o.stop_context_grad,
       separate_window_blocks=o.get("separate_window_blocks", False),
+      recompute_old_logp=o.get("recompute_old_logp", False),
       train_text=o.train_text, train_image=o.train_image, **text_distribution(config, tokenizer),
       noise_level=config.rollout.noise_level, sde_type=config.rollout.sde_type)
 
