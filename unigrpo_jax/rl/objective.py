@@ -162,26 +162,27 @@ def _forward(graphdef, state, layout, window, cfg: ObjectiveConfig, compute_logi
   ``reasoning_slots`` = (P, T) gives logits [B, T, V] at slots P - 1 .. P + T - 2 (slot s
   predicts the token at s + 1), never over the whole context.
 
-  ``cfg.separate_window_blocks``: one forward per block instead (the blocks are isolated from
-  each other, so the values are the same), each under ``jax.checkpoint``: the backward pass then
-  holds one block's activations at a time, not K, for one more forward of each block.
+  ``cfg.separate_window_blocks``: the logits from a text-only forward, then one forward per
+  block in a ``lax.scan`` whose body is under ``jax.checkpoint`` (the blocks are isolated from
+  each other and the text never attends to them, so the values are the same). The backward pass
+  then holds one block's activations at a time, not K: a loop, because XLA overlaps the
+  recomputations of independent checkpointed calls written one after another.
   """
   k = window.x_t.shape[1]
   if not cfg.separate_window_blocks or k == 1:
     return _packed(graphdef, state, layout, window.x_t, window.t, cfg, compute_logits,
                    reasoning_slots)
-  logits, velocities = None, []
-  for j in range(k):
-    with_logits = compute_logits and j == 0
+  logits = None
+  if compute_logits:
+    logits = _packed(graphdef, state, layout, None, None, cfg, True, reasoning_slots).logits
 
-    def one(state, x_t, t, with_logits=with_logits):
-      out = _packed(graphdef, state, layout, x_t, t, cfg, with_logits, reasoning_slots)
-      return out.logits, out.velocity
+  def one_block(carry, block):
+    x_t, t = block  # [B, 1, N, Dl], [B, 1]
+    return carry, _packed(graphdef, state, layout, x_t, t, cfg, False, reasoning_slots).velocity
 
-    lg, v = jax.checkpoint(one)(state, window.x_t[:, j:j + 1], window.t[:, j:j + 1])
-    logits = lg if with_logits else logits
-    velocities.append(v)
-  return ModelOutput(logits=logits, velocity=jnp.concatenate(velocities, axis=1),
+  blocks = (jnp.moveaxis(window.x_t, 1, 0)[:, :, None], jnp.moveaxis(window.t, 1, 0)[:, :, None])
+  _, velocity = jax.lax.scan(jax.checkpoint(one_block), None, blocks)  # [K, B, 1, N, Dl]
+  return ModelOutput(logits=logits, velocity=jnp.moveaxis(velocity[:, :, 0], 0, 1),
                      text_k=None, text_v=None)
 
 
