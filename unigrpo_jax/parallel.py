@@ -41,6 +41,7 @@ DEFAULT_RULES: Rules = (
     # other weights (e.g. its vocabulary over fsdp, so the logits never gather the whole head).
     ("head_embed", "fsdp"),
     ("head_vocab", "tensor"),
+    ("lora_rank", "fsdp"),  # LoRA adapters' rank axis, where the other axis is not on fsdp
     ("head_dim", None),
     ("latent", None),
     ("norm", None),

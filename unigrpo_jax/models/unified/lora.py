@@ -46,9 +46,12 @@ class ExpertAdapters(nnx.Module):
     for name, (ins, in_axes, outs, out_axes) in projection_shapes(cfg).items():
       if name not in self.targets:
         continue
-      a = annotated_param(rngs, fan_in_init(len(ins)), (*ins, r), (*in_axes, None),
+      # The rank axis is "lora_rank" (fsdp by default): it takes the mesh axis whenever the
+      # matrix's other axis does not (B of q / k / v / gate / up, A of o / down), so no adapter
+      # is replicated whole on every chip of an all-FSDP mesh.
+      a = annotated_param(rngs, fan_in_init(len(ins)), (*ins, r), (*in_axes, "lora_rank"),
                           jnp.float32, kind=nnx.LoRAParam)
-      b = annotated_param(rngs, zeros_init, (r, *outs), (None, *out_axes), jnp.float32,
+      b = annotated_param(rngs, zeros_init, (r, *outs), ("lora_rank", *out_axes), jnp.float32,
                           kind=nnx.LoRAParam)
       setattr(self, f"{name}_a", a)
       setattr(self, f"{name}_b", b)
