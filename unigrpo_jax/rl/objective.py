@@ -127,7 +127,7 @@ class ObjectiveConfig:
     return self.regularizer != "none" or self.text_kl_coef > 0
 
 
-def _window_mask(window) -> jax.Array:
+def window_mask(window) -> jax.Array:
   """[B, K] 1.0 for recorded stochastic steps (slots the window never reached have index -1;
   a zero-std step, e.g. CPS at t_next = 0, carries no log-prob)."""
   return ((window.step_index >= 0) & (window.std > 0)).astype(jnp.float32)
@@ -211,7 +211,7 @@ def _policy_terms(params, graphdef, batch: Trajectory, layout, cfg: ObjectiveCon
                  reasoning_slots=(p_slots, t_slots))
   # Reasoning token t (slot P + t) is predicted by the logits at slot P + t - 1: out.logits[:, t].
   logp = cfg.text_logprobs(out.logits, batch.reasoning_tokens)
-  flow_mask = _window_mask(window)
+  flow_mask = window_mask(window)
   v = out.velocity  # [B, K, N, Dl] f32
   mean_theta = _step_means(step_fn, window, v, cfg.noise_level)
   # The recorded std depends only on (t, t_next, a); masked slots get 1 so nothing divides by 0
@@ -321,13 +321,14 @@ def loss_fn(params: nnx.State, ref_params: Optional[nnx.State], graphdef: nnx.Gr
   metrics.update({
       "loss/total": sg(total), "loss/text": sg(text_loss), "loss/flow": sg(flow_loss),
       "loss/reg": sg(reg),
-      "onpolicy/text_logp_maxdiff": sg(_masked_absmax(logp - batch.reasoning_logp, text_mask)),
-      "onpolicy/flow_logp_maxdiff": sg(_masked_absmax(flow_logp - window.logp, flow_mask)),
+      "onpolicy/text_logp_maxdiff": sg(masked_absmax(logp - batch.reasoning_logp, text_mask)),
+      "onpolicy/flow_logp_maxdiff": sg(masked_absmax(flow_logp - window.logp, flow_mask)),
   })
   return total, metrics
 
 
-def _masked_absmax(diff, mask):
+def masked_absmax(diff, mask):
+  """max |diff| over the entries where mask is on (0 when none is)."""
   return jnp.max(jnp.where(mask > 0, jnp.abs(diff), 0.0))
 
 

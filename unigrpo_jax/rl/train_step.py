@@ -206,12 +206,12 @@ def make_train_step(graphdef: nnx.GraphDef, abstract_params: nnx.State,
         a.reshape((-1,) + a.shape[2:]))
     text_lp, flow_lp, mean = unchunk(text_lp), unchunk(flow_lp), unchunk(mean)
     text_mask = traj.reasoning_mask
-    flow_mask = (traj.window.step_index >= 0) & (traj.window.std > 0)
+    flow_mask = objective.window_mask(traj.window) > 0
     diffs = {
-        "onpolicy/rollout_text_logp_maxdiff": jnp.max(jnp.where(
-            text_mask, jnp.abs(text_lp - traj.reasoning_logp), 0.0)),
-        "onpolicy/rollout_flow_logp_maxdiff": jnp.max(jnp.where(
-            flow_mask, jnp.abs(flow_lp - traj.window.logp), 0.0)),
+        "onpolicy/rollout_text_logp_maxdiff": objective.masked_absmax(
+            text_lp - traj.reasoning_logp, text_mask),
+        "onpolicy/rollout_flow_logp_maxdiff": objective.masked_absmax(
+            flow_lp - traj.window.logp, flow_mask),
     }
     traj = traj.replace(reasoning_logp=jnp.where(text_mask, text_lp, traj.reasoning_logp),
                         window=traj.window.replace(logp=jnp.where(flow_mask, flow_lp,

@@ -70,15 +70,10 @@ def _adapter_rows(cfg: ModelConfig) -> list:
 
 def _per_layer_adapters(state: nnx.State, cfg: ModelConfig) -> dict:
   """{our per-layer path: numpy array} of the adapters of a (possibly stacked) model state."""
-  adapters = nnx.state(nnx.merge(*_split_graph(state, cfg)), nnx.LoRAParam)
+  adapters = nnx.split_state(state, nnx.LoRAParam, ...)[0]
   if cfg.scan_layers:
     adapters = layout.convert_state(adapters, cfg, False, var_filter=nnx.LoRAParam)
   return {k: np.asarray(jax.device_get(leaf_value(v))) for k, v in flat_state(adapters).items()}
-
-
-def _split_graph(state, cfg):
-  graphdef = nnx.split(nnx.eval_shape(lambda: UnifiedModel(cfg, nnx.Rngs(0))))[0]
-  return graphdef, state
 
 
 def save_lora(model: UnifiedModel, path: str, *, state: Optional[nnx.State] = None,
