@@ -14,7 +14,11 @@ def get_config():
   c.rollout.num_steps = 10
   # The toy model is ~1M params per expert: it moves with far larger steps than BAGEL-7B.
   c.optim.lr_und = 3e-5
-  c.optim.lr_gen = 1e-5
+  c.optim.lr_gen = 3e-5  # [paper]
+  # One x_1 per group: a group's image spread then comes from the SDE window's actions, which
+  # the loss can credit, not from initial noise it cannot (docs/results.md, "Where a group's
+  # reward spread comes from").
+  c.rollout.group_initial_noise = True
   c.objective.flow_clip = 1e-3
   c.objective.reg_weight = 1.5e-5
   # 100 steps fit the 10-minute budget on 2 cores (about 3 s a step); 512 held-out prompts make

@@ -23,10 +23,12 @@ def test_shipped_warm_start_loads_and_scores_in_band():
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: UnifiedModel(model_cfg, nnx.Rngs(0))))
   metrics, picture = build_evaluator(config, graphdef, model_cfg, tokenizer)(
       params, jax.random.key(0))
-  # Measured (README): greedy reasoning is right (1.0 on these 32 prompts, keys 0-2); images
-  # are mostly right (reward 0.67 / 0.80 / 0.77, strict 0.53 / 0.69 / 0.63 for keys 0 / 1 / 2).
+  # Measured (docs/shapeworld.md): greedy reasoning is right (1.0 on these 32 prompts, keys
+  # 0-2); the images often disagree with it, by design of the second SFT stage
+  # (configs/shapes_sft_images.py): reward 0.37 / 0.49 / 0.42, strict 0.16 / 0.28 / 0.25 for
+  # keys 0 / 1 / 2.
   assert metrics["eval/reasoning_accuracy"] >= 0.9, metrics
-  assert 0.5 <= metrics["eval/reward_mean"] <= 0.9, metrics
+  assert 0.3 <= metrics["eval/reward_mean"] <= 0.6, metrics
   assert picture.ndim == 3 and picture.shape[-1] == 3
 
 
