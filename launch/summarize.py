@@ -1,6 +1,10 @@
 """Results table (markdown) and reward-curve picture from ablation run directories.
 
 python launch/summarize.py runs/ablations   # expects runs/ablations/<variant>/seed<k>/metrics.jsonl
+
+Columns are mean ± sample std (ddof 1) over seeds. The paper's Table 1 targets follow the table:
+each comparison "A > B" holds when mean(A) - mean(B) >= 2 x the pooled seed std
+sqrt((s_A^2 + s_B^2) / 2) of the held-out eval reward.
 """
 import glob
 import json
@@ -13,6 +17,29 @@ import numpy as np
 def rows(path):
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def _std(x):
+  return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+
+
+TARGETS = (("image_only", "SFT (step 0)"), ("text_only", "SFT (step 0)"),
+           ("joint", "text_only"), ("joint", "image_only"))
+
+
+def targets(table) -> list:
+  """Markdown rows of the Table 1 targets on the eval reward (see the module docstring)."""
+  out = ["| target | mean difference | 2 x pooled std | holds |", "|---|---|---|---|"]
+  for a, b in TARGETS:
+    if a not in table or b not in table:
+      continue
+    ra = np.array(table[a])[:, 0]
+    rb = np.unique(np.array(table[b]), axis=0)[:, 0] if b.startswith("SFT") else np.array(
+        table[b])[:, 0]
+    diff = ra.mean() - rb.mean()
+    bar = 2 * np.sqrt((_std(ra) ** 2 + _std(rb) ** 2) / 2)
+    out.append(f"| {a} > {b} | {diff:+.3f} | {bar:.3f} | {'yes' if diff >= bar else 'NO'} |")
+  return out
 
 
 def main(root):
@@ -43,8 +70,9 @@ def main(root):
     vals = np.array(table[name])
     if name == "SFT (step 0)":
       vals = np.unique(vals, axis=0)  # every run starts from the same evaluation
-    cells = [f"{vals[:, i].mean():.3f} ± {vals[:, i].std():.3f}" for i in range(3)]
+    cells = [f"{vals[:, i].mean():.3f} ± {_std(vals[:, i]):.3f}" for i in range(3)]
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(vals)} |")
+  lines += ["", *targets(table)]
   lines += ["", "| variant | seed | eval reward | strict accuracy | reasoning accuracy | steps |",
             "|---|---|---|---|---|---|", *per_seed]
   print("\n".join(lines))

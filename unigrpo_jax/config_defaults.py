@@ -77,6 +77,8 @@ def base() -> ml_collections.ConfigDict:
   c.rollout.decode_rows = 0
   # each denoising step's model call in this many row chunks per chip (memory, same FLOPs)
   c.rollout.denoise_chunks = 1
+  # first attention window of the decode loop, in cache slots (rollout/text.py); 0: one window
+  c.rollout.decode_min_window = 128
   # Training rollouts use no classifier-free guidance [paper]; only 1.0 is accepted (the key is
   # kept so that setting it fails loudly; evaluation's guidance is eval.cfg_scale).
   c.rollout.cfg_scale = 1.0

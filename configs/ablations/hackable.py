@@ -9,8 +9,8 @@ On the 32 px world a blank image takes 0.64 kB and a typical warm-start image ~1
 going blank earns +0.9 of JPEG reward and costs the ~0.66 of ShapeWorld partial credit: a
 policy that follows the training reward far enough hacks it. The held-out evaluation scores
 ShapeWorld alone, and the hacking monitor's ``hack/blank_frac`` and ``hack/saturation`` show
-the images drifting. Only the image policy trains (the text policy is frozen), at 3x the
-default image learning rate, so what moves is the regulariser's doing.
+the images drifting. Only the image policy trains (the text policy is frozen), so what the
+images do is the image policy's and its regulariser's doing.
 """
 from configs import shapes_cpu
 
@@ -26,5 +26,4 @@ def get_config(regularizer: str = "velocity_mse"):
   c.objective.train_text = False
   c.objective.regularizer = regularizer
   c.objective.reg_weight = REGULARIZERS[regularizer]
-  c.optim.lr_gen = 3e-5
   return c

@@ -260,3 +260,18 @@ def test_optim_eps_reaches_the_optimizer_config():
   c = config_defaults.base()
   c.optim.eps = 1e-3
   assert optim_config(c).eps == 1e-3
+
+
+def test_weighted_reward_sum_logs_each_component(tmp_path, four_steps):
+  """A hackable sum (ShapeWorld + JPEG size) logs each reward unweighted, and they add up to the
+  logged reward with the config's weights; a single reward logs no components."""
+  c = tiny_config(1)
+  c.rewards.jpeg_compressibility = 0.5
+  run_train(c, str(tmp_path))
+  step = [r for r in read_metrics(str(tmp_path)) if "train/reward_mean" in r][0]
+  sw, jpeg = (step["train/reward_component/shapeworld"],
+              step["train/reward_component/jpeg_compressibility"])
+  assert jpeg < 0  # negative kB
+  assert step["train/reward_mean"] == pytest.approx(sw + 0.5 * jpeg, abs=1e-5)
+  single = [r for r in read_metrics(four_steps) if "train/reward_mean" in r][0]
+  assert not any(k.startswith("train/reward_component/") for k in single)

@@ -242,7 +242,11 @@ def plan(config: ml_collections.ConfigDict, topology_name: str,
     log(f"compiling {name} ...")
     t0 = time.perf_counter()
     try:
-      compiled = fn[name].lower(*args[name]).compile()
+      lowered = fn[name].lower(*args[name])  # Python tracing + StableHLO
+      lower_s = time.perf_counter() - t0
+      log(f"  traced and lowered in {lower_s:.1f} s; XLA compile ...")
+      compiled = lowered.compile()
+      del lowered
     except Exception as e:  # the TPU compiler itself refuses what cannot fit: report it
       if not memory.is_oom(e):
         raise
@@ -259,7 +263,8 @@ def plan(config: ml_collections.ConfigDict, topology_name: str,
              "xla_flops_per_chip": cost["flops"],
              "xla_bytes_accessed_per_chip": cost["bytes_accessed"],
              **_time_entry(name, text, cost, topo, config, analytic, coords),
-             "compile_s": round(compile_s, 2), "fits": bool(fits),
+             "compile_s": round(compile_s, 2), "lower_s": round(lower_s, 2),
+             "fits": bool(fits),
              "headroom": 1.0 - mem["total"] / topo.chip.hbm_bytes}
     if not fits:
       entry["over_by_bytes"] = mem["total"] - topo.chip.hbm_bytes

@@ -70,6 +70,10 @@ class RolloutConfig:
   # at once). The call's activations scale with the rows: 24 rows of 1024 px per chip need
   # ~20 GB for BAGEL; chunks of 4 a sixth of that, for the same FLOPs.
   denoise_chunks: int = 1
+  # First attention window of the decode loop (``text.attention_windows``): each window is one
+  # more copy of the unrolled layer stack in the compiled program; 0 decodes in one loop over
+  # the whole cache (fewer copies to compile, every step reads all P + T slots).
+  decode_min_window: int = text.MIN_WINDOW
 
   def __post_init__(self):
     def bad(name, why):
@@ -107,6 +111,8 @@ class RolloutConfig:
       bad("decode_rows", "must be an int >= 0 (0: decode all rows at once)")
     if not isinstance(self.denoise_chunks, int) or self.denoise_chunks < 1:
       bad("denoise_chunks", "must be an int >= 1 (1: every row in one call)")
+    if not isinstance(self.decode_min_window, int) or self.decode_min_window < 0:
+      bad("decode_min_window", "must be an int >= 0 (0: one decode loop over the whole cache)")
     if not isinstance(self.decode_tensor, int) or self.decode_tensor < -1:
       bad("decode_tensor", "must be an int >= -1 (-1: automatic, 0 or 1: the trainer's layout)")
     if self.sde_type == "cps" and hi == self.num_steps:
@@ -191,12 +197,12 @@ def decode_layout(mesh: Optional[Mesh], rows: int, model_cfg,
 def reasoning_context(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask: jax.Array,
                       key: jax.Array, sampling: text.SamplingConfig, vision_start_id: int,
                       group_size: int = 1, mesh: Optional[Mesh] = None,
-                      decode_tensor: int = -1):
+                      decode_tensor: int = -1, min_window: int = text.MIN_WINDOW):
   """Prefill once per prompt, repeat G times, decode reasoning, append ``<vision_start>``.
 
   Args: prompt_tokens / prompt_mask [Bp, P]; mesh: if given, the B rows are split over its
   batch axes after the repeat (``shard_rows``), and the decode loop runs in
-  ``decode_layout(mesh, B, ..., decode_tensor)``. Returns (TextSample of B = Bp * G rows whose
+  ``decode_layout(mesh, B, ..., decode_tensor)``; min_window: ``text.decode``'s. Returns (TextSample of B = Bp * G rows whose
   cache holds the whole [B, P + T + 1] context, image_position [B] int32).
   """
   p, t = prompt_tokens.shape[1], sampling.max_len
@@ -205,7 +211,8 @@ def reasoning_context(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask
   cache, last_logits, prompt_mask = (shard_rows(_repeat_rows(a, group_size), mesh)
                                      for a in (cache, last_logits, prompt_mask))
   layout = decode_layout(mesh, prompt_mask.shape[0], model.cfg, decode_tensor)
-  sample = text.decode(model, cache, last_logits, prompt_mask, key, sampling, layout=layout)
+  sample = text.decode(model, cache, last_logits, prompt_mask, key, sampling,
+                       min_window=min_window, layout=layout)
   if layout is not None:  # back to the trainer's rows (the image blocks run there)
     sample = shard_rows(sample, mesh)
   vs_pos = (jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
@@ -316,7 +323,7 @@ def make_rollout(graphdef: nnx.GraphDef, cfg: RolloutConfig, autoencoder: Autoen
     k_text, k_window, k_noise, k_flow = jax.random.split(key, 4)
     sample, image_pos = reasoning_context(model, prompt_tokens, prompt_mask, k_text,
                                           cfg.sampling, cfg.vision_start_id, cfg.group_size,
-                                          mesh, cfg.decode_tensor)
+                                          mesh, cfg.decode_tensor, cfg.decode_min_window)
     b = image_pos.shape[0]
     ctx = sample.cache
 

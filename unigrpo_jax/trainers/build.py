@@ -20,6 +20,7 @@ from unigrpo_jax.data.encoding import encode_prompts
 from unigrpo_jax.data.pipeline import PromptFileSource, ShapeWorldSource, normalize_prompt
 from unigrpo_jax.data.qwen_tokenizer import QwenTokenizer
 from unigrpo_jax.data.shapeworld import world as sw
+from unigrpo_jax.rollout.text import MIN_WINDOW
 from unigrpo_jax.data.tokenizer import Tokenizer
 from unigrpo_jax.models.autoencoder import PatchAutoencoder
 from unigrpo_jax.models.flux_vae.weights import load_flux_vae
@@ -202,7 +203,8 @@ def rollout_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> R
                        group_initial_noise=r.group_initial_noise, sde_type=r.sde_type,
                        decode_tensor=r.decode_tensor,
                        decode_rows=r.get("decode_rows", 0),
-                       denoise_chunks=r.get("denoise_chunks", 1))
+                       denoise_chunks=r.get("denoise_chunks", 1),
+                       decode_min_window=r.get("decode_min_window", MIN_WINDOW))
 
 
 def objective_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ObjectiveConfig:

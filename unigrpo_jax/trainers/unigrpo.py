@@ -210,11 +210,14 @@ def _score(run: _Run, batch: dict, host_rows) -> tuple[dict, list]:
   specs = [sw.Spec.from_json(s) if s else None for s in batch["spec"]]  # None: free text
   metadata = batch.get("metadata", [""] * len(prompts))
   row_specs = [s for s in specs for _ in range(g)]
+  components = []  # "<name>/reward" of each reward of a weighted sum (logged per component)
   try:
     rewards = scoring.score_rollout(run.reward_fn, images, row_specs, reasoning,
                                     [p for p in prompts for _ in range(g)],
                                     [m for m in metadata for _ in range(g)], run.row_lo)
     reward = np.asarray(rewards["reward"], np.float32)
+    components = sorted(k for k in rewards if k.endswith("/reward"))
+    components = components if len(components) > 1 else []
     # Reasoning accuracy only where there is a scene to match (NaN for free-text rows).
     reasoning_ok = [np.nan if s is None else float(sw.parse_reasoning(t) == s)
                     for t, s in zip(reasoning, row_specs)]
@@ -224,14 +227,15 @@ def _score(run: _Run, batch: dict, host_rows) -> tuple[dict, list]:
         np.sum(reasoning_mask, axis=1).astype(np.float32), np.asarray(truncated, np.float32),
         # identical traces share an id (offset by the block start: unique across processes)
         (diagnostics.trace_ids_from_tokens(reasoning_tokens, reasoning_mask)
-         + run.row_lo).astype(np.float32)], 1)
+         + run.row_lo).astype(np.float32),
+        *[np.asarray(rewards[k], np.float32) for k in components]], 1)
   except scoring.RewardError as e:
     local = str(e)  # every process learns of it and stops (nobody waits for a dead peer)
   shared = distributed.exchange("row_stats", local)
   for item in shared:
     if isinstance(item, str):
       raise scoring.RewardError(item)
-  stats = dict(zip(scoring.ROW_STATS, np.concatenate(shared, axis=0).T))
+  stats = dict(zip(scoring.ROW_STATS + tuple(components), np.concatenate(shared, axis=0).T))
   # Every row's prompt category, in global row order (process blocks are in process order).
   categories = [c for block in distributed.exchange("categories", list(batch["category"]))
                 for c in block for _ in range(g)]
@@ -266,6 +270,9 @@ def _step_metrics(m: dict, stats: dict, categories: list, group_size: int) -> di
       "train/reasoning_len": float(np.mean(stats["reasoning_len"])),
       "train/truncated_frac": float(np.mean(stats["truncated"])),
   })
+  # Each reward of a weighted sum, unweighted (e.g. ShapeWorld and JPEG size of a hackable sum).
+  metrics.update({f"train/reward_component/{k[:-len('/reward')]}": float(np.mean(v))
+                  for k, v in stats.items() if k.endswith("/reward")})
   # Per prompt category (ShapeWorld's, GenEval's tags, a prompt file's "category").
   metrics.update(geneval.per_category_accuracy(categories, reward, prefix="train/reward/"))
   return metrics
