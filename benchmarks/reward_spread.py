@@ -32,18 +32,12 @@ from unigrpo_jax.data.shapeworld import world as sw
 from unigrpo_jax.models.autoencoder import to_uint8
 from unigrpo_jax.rewards import shapeworld as sw_reward
 from unigrpo_jax.rl import diagnostics
-from unigrpo_jax.rollout.program import make_rollout
 from unigrpo_jax.trainers import build
 
 
 def measure(config, batches: int, seed: int) -> dict:
   """Rollouts of ``batches`` prompt batches -> the spread report (a flat dict of floats)."""
-  tokenizer = build.tokenizer_for(config)
-  model_cfg, init_params = build.model_and_params(config, tokenizer)
-  mesh, rules = build.mesh_and_rules(config)
-  graphdef, params = build.build_params(config, model_cfg, init_params, mesh, rules)
-  rcfg = build.rollout_config(config, tokenizer)
-  rollout = make_rollout(graphdef, rcfg, build.autoencoder_for(config, model_cfg), mesh=mesh)
+  tokenizer, params, rcfg, rollout = build.standalone_rollout(config)
   source = ShapeWorldSource("train", config.data.train_tasks)
   g, p = rcfg.group_size, config.rollout.prompts_per_batch
   rng = np.random.default_rng(seed)

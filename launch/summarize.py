@@ -43,7 +43,7 @@ def targets(table) -> list:
 
 
 def main(root):
-  table, curves, per_seed = {}, {}, []
+  table, curves, eval_curves, per_seed = {}, {}, {}, []
   for metrics in sorted(glob.glob(os.path.join(root, "*", "seed*", "metrics.jsonl"))):
     variant, seed = metrics.split(os.sep)[-3], metrics.split(os.sep)[-2]
     data = rows(metrics)
@@ -60,6 +60,7 @@ def main(root):
                     f"{last['eval/reward_mean']:.3f} | {first['eval/strict_accuracy']:.3f} -> "
                     f"{last['eval/strict_accuracy']:.3f} | {first['eval/reasoning_accuracy']:.3f}"
                     f" -> {last['eval/reasoning_accuracy']:.3f} | {last['step']} |")
+    eval_curves.setdefault(variant, []).append([(r["step"], r["eval/reward_mean"]) for r in evals])
     curves.setdefault(variant, []).append([(r["step"], r["train/reward_mean"]) for r in data
                                            if "train/reward_mean" in r])
   lines = ["| method | eval reward | strict accuracy | reasoning accuracy | runs |",
@@ -85,17 +86,20 @@ def main(root):
   except ImportError:
     print("matplotlib not installed: no curve picture")
     return
-  plt.figure(figsize=(6, 3.5))
-  for variant, runs in sorted(curves.items()):
-    length = min(len(r) for r in runs)
-    steps = [s for s, _ in runs[0][:length]]
-    mean = np.mean([[v for _, v in r[:length]] for r in runs], axis=0)
-    plt.plot(steps, mean, label=f"{variant} ({len(runs)} seeds)")
-  plt.xlabel("step")
-  plt.ylabel("train reward (mean over seeds)")
-  plt.legend()
-  plt.grid(alpha=0.3)
-  plt.tight_layout()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+  for ax, data, label in ((axes[0], curves, "train reward"),
+                          (axes[1], eval_curves, "held-out eval reward")):
+    for variant, runs in sorted(data.items()):
+      length = min(len(r) for r in runs)
+      steps = [s for s, _ in runs[0][:length]]
+      mean = np.mean([[v for _, v in r[:length]] for r in runs], axis=0)
+      ax.plot(steps, mean, marker="o" if data is eval_curves else None, markersize=3,
+              label=f"{variant} ({len(runs)} seeds)")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{label} (mean over seeds)")
+    ax.grid(alpha=0.3)
+  axes[1].legend()
+  fig.tight_layout()
   plt.savefig(os.path.join(root, "reward_curve.png"), dpi=120)
 
 

@@ -312,6 +312,20 @@ def build_programs(config: ml_collections.ConfigDict, graphdef, params, model_cf
                   parallel.batch_sharding(mesh))
 
 
+def standalone_rollout(config: ml_collections.ConfigDict):
+  """The trainer's rollout program and its inputs, for tools that only roll out (benchmarks).
+
+  Returns (tokenizer, params, rollout_cfg, rollout) with ``rollout(params, prompt_tokens
+  [Bp, P], prompt_mask [Bp, P], key) -> Trajectory`` of Bp * group_size rows."""
+  tokenizer = tokenizer_for(config)
+  model_cfg, init_params = model_and_params(config, tokenizer)
+  mesh, rules = mesh_and_rules(config)
+  graphdef, params = build_params(config, model_cfg, init_params, mesh, rules)
+  rcfg = rollout_config(config, tokenizer)
+  rollout = make_rollout(graphdef, rcfg, autoencoder_for(config, model_cfg), mesh=mesh)
+  return tokenizer, params, rcfg, rollout
+
+
 def check_reward_inputs(config: ml_collections.ConfigDict, source) -> None:
   """Every prompt has what each weighted reward reads (a ShapeWorld spec, GenEval metadata):
   ValueError naming the reward and the first prompt without it, before any compile."""
