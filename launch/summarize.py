@@ -19,11 +19,21 @@ def rows(path):
     return [json.loads(line) for line in f if line.strip()]
 
 
+SFT = "SFT (step 0)"
+
+
+def _runs(table, name) -> np.ndarray:
+  """[runs, 3] (eval reward, strict, reasoning) of a method; SFT once per seed (every variant
+  of a seed starts from the same step-0 evaluation)."""
+  vals = np.array(table[name])
+  return np.unique(vals, axis=0) if name == SFT else vals
+
+
 def _std(x):
   return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
 
 
-TARGETS = (("image_only", "SFT (step 0)"), ("text_only", "SFT (step 0)"),
+TARGETS = (("image_only", SFT), ("text_only", SFT),
            ("joint", "text_only"), ("joint", "image_only"))
 
 
@@ -33,9 +43,7 @@ def targets(table) -> list:
   for a, b in TARGETS:
     if a not in table or b not in table:
       continue
-    ra = np.array(table[a])[:, 0]
-    rb = np.unique(np.array(table[b]), axis=0)[:, 0] if b.startswith("SFT") else np.array(
-        table[b])[:, 0]
+    ra, rb = _runs(table, a)[:, 0], _runs(table, b)[:, 0]
     diff = ra.mean() - rb.mean()
     bar = 2 * np.sqrt((_std(ra) ** 2 + _std(rb) ** 2) / 2)
     out.append(f"| {a} > {b} | {diff:+.3f} | {bar:.3f} | {'yes' if diff >= bar else 'NO'} |")
@@ -51,7 +59,7 @@ def main(root):
     if len(evals) < 2:
       continue
     first, last = evals[0], evals[-1]
-    table.setdefault("SFT (step 0)", []).append((first["eval/reward_mean"],
+    table.setdefault(SFT, []).append((first["eval/reward_mean"],
                                                  first["eval/strict_accuracy"],
                                                  first["eval/reasoning_accuracy"]))
     table.setdefault(variant, []).append((last["eval/reward_mean"], last["eval/strict_accuracy"],
@@ -65,12 +73,10 @@ def main(root):
                                            if "train/reward_mean" in r])
   lines = ["| method | eval reward | strict accuracy | reasoning accuracy | runs |",
            "|---|---|---|---|---|"]
-  for name in ["SFT (step 0)", "text_only", "image_only", "joint"]:
+  for name in [SFT, "text_only", "image_only", "joint"]:
     if name not in table:
       continue
-    vals = np.array(table[name])
-    if name == "SFT (step 0)":
-      vals = np.unique(vals, axis=0)  # every run starts from the same evaluation
+    vals = _runs(table, name)
     cells = [f"{vals[:, i].mean():.3f} ± {_std(vals[:, i]):.3f}" for i in range(3)]
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(vals)} |")
   lines += ["", *targets(table)]

@@ -202,8 +202,9 @@ def reasoning_context(model: UnifiedModel, prompt_tokens: jax.Array, prompt_mask
 
   Args: prompt_tokens / prompt_mask [Bp, P]; mesh: if given, the B rows are split over its
   batch axes after the repeat (``shard_rows``), and the decode loop runs in
-  ``decode_layout(mesh, B, ..., decode_tensor)``; min_window: ``text.decode``'s. Returns (TextSample of B = Bp * G rows whose
-  cache holds the whole [B, P + T + 1] context, image_position [B] int32).
+  ``decode_layout(mesh, B, ..., decode_tensor)``; min_window: ``text.decode``'s first
+  attention window. Returns (TextSample of B = Bp * G rows whose cache holds the whole
+  [B, P + T + 1] context, image_position [B] int32).
   """
   p, t = prompt_tokens.shape[1], sampling.max_len
   prompt_mask = prompt_mask.astype(bool)

@@ -20,7 +20,6 @@ from unigrpo_jax.data.encoding import encode_prompts
 from unigrpo_jax.data.pipeline import PromptFileSource, ShapeWorldSource, normalize_prompt
 from unigrpo_jax.data.qwen_tokenizer import QwenTokenizer
 from unigrpo_jax.data.shapeworld import world as sw
-from unigrpo_jax.rollout.text import MIN_WINDOW
 from unigrpo_jax.data.tokenizer import Tokenizer
 from unigrpo_jax.models.autoencoder import PatchAutoencoder
 from unigrpo_jax.models.flux_vae.weights import load_flux_vae
@@ -34,6 +33,7 @@ from unigrpo_jax.rl.objective import ObjectiveConfig
 from unigrpo_jax.rl.optim import OptimConfig
 from unigrpo_jax.rl.train_step import make_train_step
 from unigrpo_jax.rollout.program import RolloutConfig, make_rollout
+from unigrpo_jax.rollout.text import MIN_WINDOW
 
 # Fields a config may change on a loaded checkpoint without changing its shapes.
 # Model settings that are not shapes: they come from the run's config, never from a checkpoint.
