@@ -13,6 +13,7 @@ from unigrpo_jax.data.tokenizer import Tokenizer, split_words
 from unigrpo_jax.models.unified.model import UnifiedModel
 from unigrpo_jax.models.unified.config import get_preset
 from unigrpo_jax.data import geneval
+from unigrpo_jax.trainers import evaluate
 from unigrpo_jax.trainers.evaluate import build_evaluator, free_text_metrics
 
 
@@ -90,3 +91,13 @@ def test_evaluator_scores_geneval_prompts_per_category():
     assert metrics[f"eval/reward/{cat}"] == pytest.approx(np.mean(rows) / 10)
   assert metrics["eval/reward_mean"] == pytest.approx(np.arange(12).mean() / 10)
   assert picture.ndim == 3 and picture.dtype == np.uint8
+
+
+def test_reward_is_split_by_whether_the_trace_is_right():
+  score = np.array([1.0, 0.5, 0.0, 0.25])
+  ok = np.array([1.0, 1.0, 0.0, 0.0], np.float32)
+  split = evaluate.reward_given_trace(score, ok)
+  assert split == {"eval/reward_given_trace_right": 0.75, "eval/reward_given_trace_wrong": 0.125}
+  every_trace_right = evaluate.reward_given_trace(score, np.ones(4))
+  assert every_trace_right["eval/reward_given_trace_right"] == pytest.approx(0.4375)
+  assert np.isnan(every_trace_right["eval/reward_given_trace_wrong"])

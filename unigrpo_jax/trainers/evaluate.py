@@ -105,6 +105,7 @@ class Evaluator:
     metrics = {"eval/reward_mean": float(np.mean(scores["score"])),
                "eval/strict_accuracy": float(np.mean(scores["strict"])),
                "eval/reasoning_accuracy": float(np.mean(scores["reasoning_ok"]))}
+    metrics.update(reward_given_trace(scores["score"], scores["reasoning_ok"]))
     by_cat = collections.defaultdict(list)
     for i, r in enumerate(self.records):
       by_cat[r["category"]].append(i)
@@ -119,6 +120,18 @@ class Evaluator:
     picture = grid.sample_grid(images[:k], [r["prompt"] for r in self.records[:k]],
                                reasoning[:k], scores["score"][:k])
     return metrics, picture
+
+
+def reward_given_trace(score: np.ndarray, reasoning_ok: np.ndarray) -> dict:
+  """Mean reward of the rows whose sampled trace names the prompt's scene, and of the rest.
+
+  score, reasoning_ok: [N]. What a right trace is worth to the image: a text policy that makes
+  every trace right raises the reward by at most (1 - reasoning accuracy) times the gap between
+  the two. NaN for a side with no rows."""
+  ok = np.asarray(reasoning_ok) > 0.5
+  score = np.asarray(score, np.float64)
+  return {f"eval/reward_given_trace_{name}": float(score[rows].mean()) if rows.any() else
+          float("nan") for name, rows in (("right", ok), ("wrong", ~ok))}
 
 
 def owned_rows(num_rows: int, process_count: int | None = None,
