@@ -23,5 +23,5 @@ def get_config():
   c.sft.warmup_steps = 50
   c.sft.learning_rate = 3e-4
   c.sft.save_every = 200
-  c.sft.wrong_image_prob = 0.3
+  c.sft.wrong_image_prob = 0.15
   return c

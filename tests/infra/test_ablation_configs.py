@@ -30,6 +30,8 @@ def test_hackable_config_is_the_default_run_plus_jpeg_with_the_text_policy_froze
   assert c.objective.regularizer == regularizer and not c.objective.train_text
   if weight is not None:
     assert c.objective.reg_weight == weight
+  assert base.rollout.group_initial_noise and not c.rollout.group_initial_noise  # per-row x_1
+  c.rollout.group_initial_noise = True
   for key in ("rollout", "optim", "total_steps", "init_checkpoint", "data"):
     assert c[key] == base[key], key
 

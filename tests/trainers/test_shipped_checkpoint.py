@@ -24,11 +24,11 @@ def test_shipped_warm_start_loads_and_scores_in_band():
   metrics, picture = build_evaluator(config, graphdef, model_cfg, tokenizer)(
       params, jax.random.key(0))
   # Measured (docs/shapeworld.md): greedy reasoning is right (1.0 on these 32 prompts, keys
-  # 0-2); the images often disagree with it, by design of the second SFT stage
-  # (configs/shapes_sft_images.py): reward 0.37 / 0.49 / 0.42, strict 0.16 / 0.28 / 0.25 for
-  # keys 0 / 1 / 2.
+  # 0-2); the images sometimes disagree with it, by design of the second SFT stage
+  # (configs/shapes_sft_images.py, 15 % wrong images): reward 0.69 / 0.63 / 0.53, strict
+  # 0.56 / 0.44 / 0.38 for keys 0 / 1 / 2.
   assert metrics["eval/reasoning_accuracy"] >= 0.9, metrics
-  assert 0.3 <= metrics["eval/reward_mean"] <= 0.6, metrics
+  assert 0.45 <= metrics["eval/reward_mean"] <= 0.8, metrics
   assert picture.ndim == 3 and picture.shape[-1] == 3
 
 
