@@ -19,7 +19,7 @@ from unigrpo_jax import checkpointing, config_validation, parallel
 from unigrpo_jax.aot import memory, time_model, topology
 from unigrpo_jax.data.tokenizer import Tokenizer
 from unigrpo_jax.models.autoencoder import PatchAutoencoder
-from unigrpo_jax.models.unified.model import UnifiedModel, count_params
+from unigrpo_jax.models.unified.model import abstract_model, count_params
 from unigrpo_jax.models.unified import attention, lora
 from unigrpo_jax.rl.train_step import abstract_train_state
 from unigrpo_jax.trainers import build
@@ -212,8 +212,7 @@ def plan(config: ml_collections.ConfigDict, topology_name: str,
   log(f"{topo.name}: {topo.num_chips} {topo.chip.generation} chips ({topo.topology_name}), "
       f"mesh {dict(mesh.shape)}, {topo.chip.hbm_bytes / 1e9:.2f} GB usable HBM per chip")
 
-  graphdef, abstract = nnx.split(nnx.eval_shape(
-      lambda: UnifiedModel(model_cfg, nnx.Rngs(config.seed))))
+  graphdef, abstract = nnx.split(abstract_model(model_cfg))
   params_abstract = _with_sharding(abstract, parallel.state_shardings(abstract, mesh, rules))
   state_abstract = abstract_train_state(params_abstract, ocfg, optcfg, mesh, rules)
   autoencoder, autoencoder_note = _autoencoder(model_cfg)

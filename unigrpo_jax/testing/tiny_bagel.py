@@ -28,7 +28,7 @@ from unigrpo_jax.testing.flux_vae_fixture import write_random_flux_ae
 from unigrpo_jax.models.unified.latent_io import bagel_sincos_table
 from unigrpo_jax.models.unified.weights import bagel_key_map, bagel_llm_config, their_shape
 from unigrpo_jax.models.safetensors_io import numpy_dtype, write_file
-from unigrpo_jax.models.unified.model import UnifiedModel
+from unigrpo_jax.models.unified.model import abstract_model
 
 # Text shapes of the generated directories (the image side is BAGEL's: 16-ch FLUX latents, 2x2).
 SIZES = {
@@ -91,7 +91,7 @@ def write_tiny_bagel_dir(path: str, *, size: str = "tiny", image_size: int = 64,
   assert tok.token_to_id(SPECIAL_TOKENS["vision_start"]) == cfg.vision_start_id
   if n_tok > cfg.vocab_size:
     raise ValueError(f"tokenizer has {n_tok} ids, more than the {cfg.vocab_size} embedding rows")
-  abstract = nnx.state(nnx.eval_shape(lambda: UnifiedModel(cfg, nnx.Rngs(0))))
+  abstract = nnx.state(abstract_model(cfg))
   shapes = {".".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(abstract)}
   rng = np.random.default_rng(seed)
   target = numpy_dtype(dtype)
@@ -126,7 +126,7 @@ def main(argv=None):
   cfg = write_tiny_bagel_dir(args.path, size=args.size, image_size=args.image_size,
                              max_latent_size=args.max_latent_size, dtype=args.dtype)
   from unigrpo_jax.models.unified.model import count_params
-  n = count_params(nnx.eval_shape(lambda: UnifiedModel(cfg, nnx.Rngs(0))))
+  n = count_params(abstract_model(cfg))
   print(f"wrote {args.path}: {n / 1e6:.1f}M params, "
         f"{os.path.getsize(os.path.join(args.path, 'ema.safetensors')) / 1e9:.3f} GB ema",
         file=sys.stderr)

@@ -26,7 +26,7 @@ from unigrpo_jax.models.flux_vae.weights import load_flux_vae
 from unigrpo_jax.models.unified import attention, layout, lora, lora_io
 from unigrpo_jax.models.unified.config import ModelConfig, get_preset
 from unigrpo_jax.models.unified.loading import bagel_config, load_bagel
-from unigrpo_jax.models.unified.model import UnifiedModel
+from unigrpo_jax.models.unified.model import UnifiedModel, abstract_model
 from unigrpo_jax.rewards import registry
 from unigrpo_jax.rewards.remote import client as remote_client
 from unigrpo_jax.rl.objective import ObjectiveConfig
@@ -107,7 +107,7 @@ def _model_and_params(config, tokenizer):
     model_cfg = checkpointing.model_config_from_meta(meta, **runtime)
     # On disk the layers are per-layer arrays; a scan_layers run stacks them after reading.
     disk_cfg = layout.per_layer(model_cfg)
-    abstract = nnx.state(nnx.eval_shape(lambda: UnifiedModel(disk_cfg, nnx.Rngs(0))), nnx.Param)
+    abstract = nnx.state(abstract_model(disk_cfg), nnx.Param)
     params = checkpointing.load_params(config.init_checkpoint, abstract)
     return model_cfg, layout.load_layout(params, model_cfg)
   # A fresh model gets exactly the tokenizer's vocabulary: no id can be sampled that no word has.

@@ -13,7 +13,7 @@ from unigrpo_jax.models.safetensors_io import TensorIndex, numpy_dtype, write_st
 from unigrpo_jax.models.unified import layout
 from unigrpo_jax.models.unified.config import ModelConfig
 from unigrpo_jax.models.unified.lora_io import merge_adapters
-from unigrpo_jax.models.unified.model import UnifiedModel
+from unigrpo_jax.models.unified.model import UnifiedModel, abstract_model
 from unigrpo_jax.models.unified.weights import (BAGEL_PATCH, BAGEL_SKIPPED_PREFIXES,
                                                 BAGEL_VAE_DOWNSAMPLE, bagel_key_map,
                                                 bagel_llm_config, flat_state, leaf_value,
@@ -64,7 +64,7 @@ def save_bagel(model: UnifiedModel, path: str, *, dtype: str = "bfloat16",
     if state is not None:  # e.g. a TrainState's params: the model's other variables come along
       full = nnx.merge_state(nnx.state(model, nnx.Not(nnx.Param)), state)
     base_cfg, base_state = merge_adapters(full, model.cfg)
-    graphdef = nnx.split(nnx.eval_shape(lambda: UnifiedModel(base_cfg, nnx.Rngs(0))))[0]
+    graphdef = nnx.split(abstract_model(base_cfg))[0]
     model, state = nnx.merge(graphdef, base_state), None
   cfg = model.cfg
   _check_bagel_format(cfg)

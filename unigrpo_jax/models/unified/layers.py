@@ -5,6 +5,8 @@ Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv_
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable, Sequence
 
 import jax
@@ -20,8 +22,32 @@ def annotated_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
   (not eagerly sharded: parallel.py does it)."""
   if len(axes) != len(shape):
     raise ValueError(f"axes {axes} do not match shape {shape}")
-  return kind(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
-              eager_sharding=False)
+  if _ABSTRACT.get():  # shapes only: no initializer runs and no key is drawn
+    value = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+  else:
+    value = init(rngs.params(), tuple(shape), dtype)
+  return kind(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+_ABSTRACT = contextvars.ContextVar("abstract_params", default=False)
+
+
+@contextlib.contextmanager
+def abstract_params():
+  """Within: ``annotated_param`` makes ShapeDtypeStruct-valued params (what ``nnx.eval_shape``
+  gives) without tracing anything.
+
+  Why not ``nnx.eval_shape``: under it, flax's ``Variable.set_value`` reads ``.sharding`` of the
+  traced RNG counter once per parameter, and JAX builds that AttributeError's message by walking
+  every equation traced so far: quadratic in the parameter count. For BAGEL-7B-MoT (4,740
+  arrays) one ``nnx.eval_shape`` of the model took ~190 s on the loaded 2-core VM, and the
+  rollout's layout conversion did two of them inside its trace (``aot`` profile, 2026-12-07).
+  """
+  token = _ABSTRACT.set(True)
+  try:
+    yield
+  finally:
+    _ABSTRACT.reset(token)
 
 
 def fan_in_init(fan_in_axes: int = 1) -> Initializer:

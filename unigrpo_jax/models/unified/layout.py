@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unigrpo_jax.models.unified.config import ModelConfig
-from unigrpo_jax.models.unified.model import UnifiedModel
+from unigrpo_jax.models.unified.model import UnifiedModel, abstract_model
 
 
 def _stack(pure: dict, num_layers: int) -> dict:
@@ -43,7 +43,7 @@ def convert_state(state: nnx.State, cfg: ModelConfig, scan_layers: bool, *, mesh
   if cfg.scan_layers == scan_layers:
     return state
   target_cfg = cfg.replace(scan_layers=scan_layers)
-  abstract = nnx.state(nnx.eval_shape(lambda: UnifiedModel(target_cfg, nnx.Rngs(0))), var_filter)
+  abstract = nnx.state(abstract_model(target_cfg), var_filter)
   convert = _stack if scan_layers else _unstack
   pure = convert(nnx.to_pure_dict(state), cfg.num_layers)
   if mesh is not None:
@@ -60,7 +60,7 @@ def convert_model(model: UnifiedModel, scan_layers: bool, *, mesh=None,
   if model.cfg.scan_layers == scan_layers:
     return model
   target_cfg = model.cfg.replace(scan_layers=scan_layers)
-  graphdef = nnx.split(nnx.eval_shape(lambda: UnifiedModel(target_cfg, nnx.Rngs(0))))[0]
+  graphdef = nnx.split(abstract_model(target_cfg))[0]
   state = convert_state(nnx.state(model), model.cfg, scan_layers, mesh=mesh, rules=rules,
                         var_filter=...)
   return nnx.merge(graphdef, state)

@@ -25,7 +25,7 @@ from unigrpo_jax.models.safetensors_io import CheckpointFormatError, TensorIndex
 from unigrpo_jax.models.unified import layout
 from unigrpo_jax.models.unified.config import ModelConfig
 from unigrpo_jax.models.unified.latent_io import LatentIO
-from unigrpo_jax.models.unified.model import UnifiedModel
+from unigrpo_jax.models.unified.model import UnifiedModel, abstract_model
 from unigrpo_jax.models.unified.weights import (BAGEL_PATCH, BAGEL_SKIPPED_PREFIXES,
                                                 BAGEL_VAE_DOWNSAMPLE, bagel_key_map, config_note,
                                                 flat_state, leaf_value, marker_ids, normalize_index,
@@ -97,7 +97,7 @@ def _once(get: Callable, shape: tuple) -> Callable:
 def _materialise(cfg: ModelConfig, index: TensorIndex, rows, source: str, mesh,
                  fill: Optional[dict] = None, rules=None) -> UnifiedModel:
   """Builds the model: every leaf read from ``rows`` (or taken from ``fill``), cast, placed."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: UnifiedModel(cfg, nnx.Rngs(0))))
+  graphdef, abstract = nnx.split(abstract_model(cfg))
   flat = flat_state(abstract)
   by_path = {path: (key, kind) for path, key, kind in rows}
   fill = fill or {}
@@ -167,7 +167,7 @@ def load_qwen2(path: str, *, dtype: str = "float32", mesh=None, mot: bool = Fals
   index = TensorIndex.from_path(path, "model.safetensors", "model.safetensors.index.json")
   run_cfg, cfg = cfg, layout.per_layer(cfg)  # read per layer, stack after (scan_layers)
   rows = qwen2_key_map(cfg, gen_from_und=True)
-  abstract = flat_state(nnx.state(nnx.eval_shape(lambda: UnifiedModel(cfg, nnx.Rngs(0)))))
+  abstract = flat_state(nnx.state(abstract_model(cfg)))
   note = f"{conf_path} ({config_note(cfg)})"
   unused = _check_tensors(index, rows, abstract, path, note)
   if tied:  # some exports also store the tied head: it must then equal the embedding (unread)
@@ -237,7 +237,7 @@ def load_bagel(path: str, *, dtype: str = "float32", image_size: int = 1024,
                      remat=remat, **runtime)
   run_cfg, cfg = cfg, layout.per_layer(cfg)  # read per layer, stack after (scan_layers)
   rows = bagel_key_map(cfg)
-  abstract = flat_state(nnx.state(nnx.eval_shape(lambda: UnifiedModel(cfg, nnx.Rngs(0)))))
+  abstract = flat_state(nnx.state(abstract_model(cfg)))
   note = f"{paths.join(path, 'llm_config.json')} ({config_note(cfg)})"
   unused = _check_tensors(index, rows, abstract, paths.join(path, "ema.safetensors"), note)
   _report_unused(paths.join(path, "ema.safetensors"), unused, BAGEL_SKIPPED_PREFIXES)

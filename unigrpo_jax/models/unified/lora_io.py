@@ -23,7 +23,7 @@ from unigrpo_jax import parallel, paths
 from unigrpo_jax.models.safetensors_io import CheckpointFormatError, TensorIndex, write_file
 from unigrpo_jax.models.unified import layout, lora
 from unigrpo_jax.models.unified.config import ModelConfig
-from unigrpo_jax.models.unified.model import UnifiedModel
+from unigrpo_jax.models.unified.model import UnifiedModel, abstract_model
 from unigrpo_jax.models.unified.weights import bagel_key_map, flat_state, leaf_value
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -39,7 +39,7 @@ def with_adapters(graph_and_state: tuple, cfg: ModelConfig, seed: int, mesh=None
   arrays unchanged (not copied), fresh adapters (A fan-in init, B zero) created directly in
   their shardings."""
   _, base_state = graph_and_state
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: UnifiedModel(cfg, nnx.Rngs(seed))))
+  graphdef, abstract = nnx.split(abstract_model(cfg))
   abstract_adapters = nnx.state(nnx.merge(graphdef, abstract), nnx.LoRAParam)
 
   def init():  # the base's init is traced but unused: XLA drops it
@@ -148,7 +148,7 @@ def load_lora(path: str, state: nnx.State, cfg: ModelConfig, mesh=None, rules=No
       per[our] = index.read(key).astype(np.float32).T.reshape(shape)
   index.close()
   per_cfg = layout.per_layer(cfg)
-  adapters = nnx.state(nnx.eval_shape(lambda: UnifiedModel(per_cfg, nnx.Rngs(0))),
+  adapters = nnx.state(abstract_model(per_cfg),
                        nnx.LoRAParam)
   pure = nnx.to_pure_dict(adapters)
   for dotted, value in per.items():

@@ -34,8 +34,8 @@ from unigrpo_jax.models.unified.config import ModelConfig
 from unigrpo_jax.models.unified.kv_cache import KVCache, write_slots
 from unigrpo_jax.models.unified.latent_io import LatentIO
 from unigrpo_jax.models.unified.lora import ExpertAdapters
-from unigrpo_jax.models.unified.layers import (RMSNorm, SwiGLU, annotated_param, fan_in_init, rope,
-                                               zeros_init)
+from unigrpo_jax.models.unified.layers import (RMSNorm, SwiGLU, abstract_params, annotated_param,
+                                               fan_in_init, rope, zeros_init)
 from unigrpo_jax.models.unified.stack import layer_list, loop_layers, scan_layers, stack_layers
 
 
@@ -329,6 +329,14 @@ class UnifiedModel(nnx.Module):
       w = self.lm_head[...].astype(h.dtype)
     return jnp.einsum("bld,dv->blv", h, w, preferred_element_type=jnp.float32)
 
+
+
+def abstract_model(cfg: ModelConfig) -> UnifiedModel:
+  """A ``cfg`` model whose params are ShapeDtypeStructs (the structure, shapes, dtypes and
+  logical axes of ``nnx.eval_shape(lambda: UnifiedModel(cfg, rngs))``), built without tracing:
+  milliseconds where ``nnx.eval_shape`` of BAGEL-7B-MoT takes minutes (``abstract_params``)."""
+  with abstract_params():
+    return UnifiedModel(cfg, nnx.Rngs(0))
 
 
 def block_attention_impl(cfg: ModelConfig) -> str:

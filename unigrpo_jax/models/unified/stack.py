@@ -79,6 +79,13 @@ def scan_layers(layers, cfg: ModelConfig, carry, inputs, cache: Optional[KVCache
   return text_x, image_x, marker_x, text_k, text_v
 
 
+def _stack_leaves(*xs):
+  """Per-layer values -> [L, ...]: arrays stacked, ShapeDtypeStructs (abstract params) likewise."""
+  if isinstance(xs[0], jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(xs),) + tuple(xs[0].shape), xs[0].dtype)
+  return jnp.stack(xs)
+
+
 def stack_layers(layers: list) -> nnx.Module:
   """Identical MoTLayers -> one MoTLayer whose params are stacked along a new leading axis.
 
@@ -87,7 +94,7 @@ def stack_layers(layers: list) -> nnx.Module:
   """
   graphdef, first = nnx.split(layers[0])
   states = [first] + [nnx.split(layer)[1] for layer in layers[1:]]
-  stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+  stacked = nnx.merge(graphdef, jax.tree.map(_stack_leaves, *states))
   for _, var in nnx.iter_graph(stacked):
     if isinstance(var, nnx.Variable) and var.get_metadata().get("out_sharding") is not None:
       var.set_metadata(out_sharding=("layers",) + tuple(var.get_metadata()["out_sharding"]))
