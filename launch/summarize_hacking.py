@@ -2,7 +2,8 @@
 
 python launch/summarize_hacking.py runs/hacking   # expects runs/hacking/<regulariser>/seed<k>/
 
-Per regulariser, mean ± sample std (ddof 1) over seeds of:
+Per regulariser, the mean over seeds at the start -> at the end ± the end's sample std (ddof 1)
+over seeds, of:
   * the training reward (ShapeWorld + w x JPEG compressibility) and its two components, the mean
     of the first and of the last ``WINDOW`` steps (one step's reward is noisy);
   * the held-out ShapeWorld evaluation (reward and strict accuracy) at step 0 and at the end;
@@ -57,13 +58,14 @@ def run_summary(data: list[dict]) -> dict | None:
 
 
 def table(summaries: dict) -> list[str]:
-  """Markdown rows: one per regulariser, each cell 'first -> last' as mean ± std over seeds."""
+  """Markdown rows: one per regulariser, each cell 'first -> last ± std', means over seeds (the
+std of the last value over seeds)."""
   out = ["| regulariser | seeds | train reward | JPEG (-kB) | ShapeWorld (train) | "
          "held-out reward | held-out strict | saturation | blank frac (last) |",
          "|---|---|---|---|---|---|---|---|---|"]
   for name in [n for n in ORDER if n in summaries] + sorted(set(summaries) - set(ORDER)):
     runs = summaries[name]
-    pair = lambda k: (f"{_cell([r[k + '_first'] for r in runs])} -> "
+    pair = lambda k: (f"{np.mean([r[k + '_first'] for r in runs]):.3f} -> "
                       f"{_cell([r[k + '_last'] for r in runs])}")
     out.append(f"| {name} | {len(runs)} | {pair('reward')} | {pair('jpeg')} | {pair('shapes')} | "
                f"{pair('eval')} | {pair('strict')} | {pair('saturation')} | "
@@ -98,7 +100,7 @@ def main(root):
     print("matplotlib not installed: no picture")
     return
   panels = (("train/reward_mean", "train reward (ShapeWorld + w x JPEG)"),
-            (JPEG, "JPEG component (-kB x w)"),
+            (JPEG, "JPEG component (-kB, before the weight)"),
             ("hack/saturation", "mean saturation of rollout images"),
             ("eval/strict_accuracy", "held-out strict accuracy"))
   fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
