@@ -19,6 +19,25 @@ def rows(path):
     return [json.loads(line) for line in f if line.strip()]
 
 
+def write_table(root, lines):
+  """Prints the markdown ``lines`` and writes them to <root>/table.md."""
+  print("\n".join(lines))
+  with open(os.path.join(root, "table.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def pyplot():
+  """matplotlib.pyplot on the Agg backend, or None (and a line saying so) when not installed."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib not installed: no picture")
+    return None
+  return plt
+
+
 SFT = "SFT (step 0)"
 
 
@@ -82,15 +101,9 @@ def main(root):
   lines += ["", *targets(table)]
   lines += ["", "| variant | seed | eval reward | strict accuracy | reasoning accuracy | steps |",
             "|---|---|---|---|---|---|", *per_seed]
-  print("\n".join(lines))
-  with open(os.path.join(root, "table.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print("matplotlib not installed: no curve picture")
+  write_table(root, lines)
+  plt = pyplot()
+  if plt is None:
     return
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
   for ax, data, label in ((axes[0], curves, "train reward"),

@@ -13,21 +13,18 @@ The picture (hacking_curves.png) has four panels over steps, one line per regula
 reward, JPEG component (negative kB), mean saturation, held-out strict accuracy.
 """
 import glob
-import json
 import os
 import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # launch/, run as a script or not
+from summarize import pyplot, rows, write_table  # noqa: E402
+
 WINDOW = 10
 ORDER = ("velocity_mse", "latent_kl", "none")
 JPEG = "train/reward_component/jpeg_compressibility"
 SHAPES = "train/reward_component/shapeworld"
-
-
-def rows(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def _cell(values, fmt="{:.3f}"):
@@ -89,15 +86,9 @@ def main(root):
   lines = table(summaries)
   lines += ["", f"train columns: mean of the first -> last {WINDOW} steps; held-out columns: "
             "step 0 -> last evaluation (ShapeWorld alone)."]
-  print("\n".join(lines))
-  with open(os.path.join(root, "table.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print("matplotlib not installed: no picture")
+  write_table(root, lines)
+  plt = pyplot()
+  if plt is None:
     return
   panels = (("train/reward_mean", "train reward (ShapeWorld + w x JPEG)"),
             (JPEG, "JPEG component (-kB, before the weight)"),
