@@ -332,8 +332,8 @@ def test_latent_kl_in_the_loss_matches_flow_grpo(world):
   def fn(p, r, b, a):
     lay = objective.context_layout(b.prompt_tokens, b.prompt_mask, b.reasoning_tokens,
                             b.reasoning_mask, VS, PAD)
-    v = objective._forward(graphdef, p, lay, b.window, obj, compute_logits=False).velocity
-    v_ref = objective._forward(graphdef, r, lay, b.window, obj, compute_logits=False).velocity
+    _, v = objective._forward(graphdef, p, lay, b.window, obj)
+    _, v_ref = objective._forward(graphdef, r, lay, b.window, obj)
     return objective.loss_fn(p, r, graphdef, b, a, obj)[1]["reg/latent_kl"], v, v_ref
 
   kl, v, v_ref = _fast_jit(jax.jit(fn), params, ref, traj, world["adv"])

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unigrpo_jax.models.unified.model import ModelOutput
 from unigrpo_jax.rl import losses
 from unigrpo_jax.rollout import distribution, flow
 from unigrpo_jax.rollout.distribution import token_logprobs
@@ -155,35 +154,39 @@ def _packed(graphdef, state, layout, x_t, t, cfg: ObjectiveConfig, compute_logit
                logits_slice=(p_slots - 1, t_slots) if compute_logits else None)
 
 
-def _forward(graphdef, state, layout, window, cfg: ObjectiveConfig, compute_logits: bool,
+def _forward(graphdef, state, layout, window, cfg: ObjectiveConfig, targets=None,
              reasoning_slots: tuple[int, int] = (0, 0)):
-  """The packed forward: text logits and the K window blocks' velocities [B, K, N, Dl]. With
-  ``compute_logits`` the LM head runs only on the slots that predict the reasoning tokens:
-  ``reasoning_slots`` = (P, T) gives logits [B, T, V] at slots P - 1 .. P + T - 2 (slot s
-  predicts the token at s + 1), never over the whole context.
+  """The packed forward -> (text log-probs [B, T] of ``targets`` (None without targets), the K
+  window blocks' velocities [B, K, N, Dl]). With ``targets`` [B, T] the LM head runs only on the
+  slots that predict the reasoning tokens: ``reasoning_slots`` = (P, T) gives logits [B, T, V] at
+  slots P - 1 .. P + T - 2 (slot s predicts the token at s + 1), never over the whole context.
 
-  ``cfg.separate_window_blocks``: the logits from a text-only forward, then one forward per
-  block in a ``lax.scan`` whose body is under ``jax.checkpoint`` (the blocks are isolated from
-  each other and the text never attends to them, so the values are the same). The backward pass
-  then holds one block's activations at a time, not K: a loop, because XLA overlaps the
-  recomputations of independent checkpointed calls written one after another.
+  ``cfg.separate_window_blocks``: one forward of the context and ONE block at a time, in a
+  ``lax.scan`` whose body is under ``jax.checkpoint`` (the blocks are isolated from each other
+  and the text never attends to them, so the values are the same). The backward pass then holds
+  one block's activations at a time, not K: a loop, because XLA overlaps the recomputations of
+  independent checkpointed calls written one after another. Every block's forward also runs
+  the context, so the text log-probs come from block 0's instead of from a text-only forward:
+  one loop body fewer to compile (the TPU compile of BAGEL's train step is bound by its distinct
+  bodies) and one forward of the context fewer per row; the LM head, on T slots only, runs K
+  times.
   """
+  compute_logits = targets is not None
+  logprobs = lambda out: cfg.text_logprobs(out.logits, targets) if compute_logits else None
   k = window.x_t.shape[1]
   if not cfg.separate_window_blocks or k == 1:
-    return _packed(graphdef, state, layout, window.x_t, window.t, cfg, compute_logits,
-                   reasoning_slots)
-  logits = None
-  if compute_logits:
-    logits = _packed(graphdef, state, layout, None, None, cfg, True, reasoning_slots).logits
+    out = _packed(graphdef, state, layout, window.x_t, window.t, cfg, compute_logits,
+                  reasoning_slots)
+    return logprobs(out), out.velocity
 
   def one_block(carry, block):
     x_t, t = block  # [B, 1, N, Dl], [B, 1]
-    return carry, _packed(graphdef, state, layout, x_t, t, cfg, False, reasoning_slots).velocity
+    out = _packed(graphdef, state, layout, x_t, t, cfg, compute_logits, reasoning_slots)
+    return carry, (logprobs(out), out.velocity)
 
   blocks = (jnp.moveaxis(window.x_t, 1, 0)[:, :, None], jnp.moveaxis(window.t, 1, 0)[:, :, None])
-  _, velocity = jax.lax.scan(jax.checkpoint(one_block), None, blocks)  # [K, B, 1, N, Dl]
-  return ModelOutput(logits=logits, velocity=jnp.moveaxis(velocity[:, :, 0], 0, 1),
-                     text_k=None, text_v=None)
+  _, (logp, velocity) = jax.lax.scan(jax.checkpoint(one_block), None, blocks)  # [K, B, ...]
+  return (None if logp is None else logp[0]), jnp.moveaxis(velocity[:, :, 0], 0, 1)
 
 
 def _context_layout(graphdef, params, batch: Trajectory, cfg: ObjectiveConfig):
@@ -207,12 +210,10 @@ def _policy_terms(params, graphdef, batch: Trajectory, layout, cfg: ObjectiveCon
   if p_slots < 1:
     raise ValueError("the trajectory needs >= 1 prompt slot (its last logit predicts the first "
                      "reasoning token)")
-  out = _forward(graphdef, params, layout, window, cfg, compute_logits=True,
-                 reasoning_slots=(p_slots, t_slots))
-  # Reasoning token t (slot P + t) is predicted by the logits at slot P + t - 1: out.logits[:, t].
-  logp = cfg.text_logprobs(out.logits, batch.reasoning_tokens)
+  # Reasoning token t (slot P + t) is predicted by the logits at slot P + t - 1.
+  logp, v = _forward(graphdef, params, layout, window, cfg, targets=batch.reasoning_tokens,
+                     reasoning_slots=(p_slots, t_slots))  # [B, T], [B, K, N, Dl] f32
   flow_mask = window_mask(window)
-  v = out.velocity  # [B, K, N, Dl] f32
   mean_theta = _step_means(step_fn, window, v, cfg.noise_level)
   # The recorded std depends only on (t, t_next, a); masked slots get 1 so nothing divides by 0
   # (their values are discarded, but 0 * inf in the backward pass would still give NaN).
@@ -275,17 +276,15 @@ def loss_fn(params: nnx.State, ref_params: Optional[nnx.State], graphdef: nnx.Gr
   mean_sq_diff = jnp.mean(jnp.square(window.mean - mean_theta).reshape(b, k, -1), axis=-1)
 
   # ---- frozen reference (one more forward, no gradient).
-  ref_out = None
+  ref_logp = v_ref = None
   if cfg.needs_reference:
     if ref_params is None:
       raise ValueError(f"regularizer={cfg.regularizer!r} / text_kl_coef={cfg.text_kl_coef} "
                        "need ref_params")
-    ref_out = jax.lax.stop_gradient(_forward(graphdef, ref_params, layout, window, cfg,
-                                             compute_logits=cfg.text_kl_coef > 0,
-                                             reasoning_slots=(p_slots, t_slots)))
-  ref_logp = None
-  if cfg.text_kl_coef > 0:
-    ref_logp = cfg.text_logprobs(ref_out.logits, batch.reasoning_tokens)
+    ref_targets = batch.reasoning_tokens if cfg.text_kl_coef > 0 else None
+    ref_logp, v_ref = jax.lax.stop_gradient(_forward(graphdef, ref_params, layout, window, cfg,
+                                                     targets=ref_targets,
+                                                     reasoning_slots=(p_slots, t_slots)))
 
   text_loss, text_m = losses.text_grpo_loss(
       logp, batch.reasoning_logp, adv, text_mask, cfg.text_clip,
@@ -297,8 +296,7 @@ def loss_fn(params: nnx.State, ref_params: Optional[nnx.State], graphdef: nnx.Gr
 
   metrics = {}
   reg = jnp.float32(0.0)
-  if ref_out is not None:
-    v_ref = ref_out.velocity
+  if v_ref is not None:
     mean_ref = None
     if cfg.regularizer == "latent_kl":
       mean_ref = _step_means(step_fn, window, v_ref, cfg.noise_level)
