@@ -56,7 +56,8 @@ class ObjectiveConfig:
     weight (paper 1.5e-5).
   stop_context_grad: the flow loss does not reach the text policy through the context [ours].
   separate_window_blocks: one rematerialised forward per window block (``_forward``): the
-    train step's activations of one block instead of K (memory), for one more forward each.
+    train step's activations of one block instead of K (memory), for K - 1 more forwards of
+    the context (each block's forward runs it; the text log-probs come from block 0's).
   recompute_old_logp: the PPO ratio's "old" log-probs (and the window steps' old means, which
     RatioNorm reads) come from the train step's own forward under the rollout's params, before
     any update, instead of from the rollout. In bf16 the rollout's cached forward and the packed
