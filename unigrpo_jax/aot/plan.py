@@ -244,9 +244,10 @@ def plan(config: ml_collections.ConfigDict, topology_name: str,
             "autoencoder": autoencoder_note, "programs": {}}
   fn = {"rollout": progs.rollout, "train_step": progs.train_step}
   # Python tracing holds the GIL, so the programs are lowered one after another; XLA's TPU
-  # compile releases it and runs mostly on one thread (~1.4 cores at most when alone, measured),
-  # so the programs compile side by side, one per CPU core (v6e-8 one-host plan: 336 s instead
-  # of 203 + 183 s one after another).
+  # compile releases it and generates kernels on a thread pool, yet alone a second core makes
+  # one program only 1.7-1.8x faster (v6e-8 one-host plan, idle 2-core VM: train step 353 s on
+  # one core, 211 s on two). So the programs compile side by side (v6e-8: 336 s for both
+  # instead of 211 + 194 s one after another).
   lowered, lower_s, started = {}, {}, {}
   for name in programs:
     log(f"tracing and lowering {name} ...")
