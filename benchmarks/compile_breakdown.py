@@ -4,11 +4,11 @@
         --topology=v6e-8 --program=train_step [--out=report.md] [--keep_dump=DIR]
 
 Compiles ONE program of ``python -m unigrpo_jax.aot``'s plan (no TPU needed, libtpu installed)
-with libtpu's LLO dump on, for two passes only: ``fingerprints`` (the first pass of a kernel's
-low-level code generation) and ``final_bundles`` (its last). The time between the two files of
-a kernel is that kernel's code generation; libtpu runs kernels on a thread pool, so the spans
-overlap and add up to more than the wall time, and the dump itself costs ~40 % more CPU time.
-Read the shares, not the seconds.
+with libtpu's LLO dump on for one pass: ``final_bundles``, the last of a kernel's low-level code
+generation. libtpu names each kernel's dump files after the wall-clock nanosecond at which the
+kernel's code generation began; the file's modification time is when it ended. libtpu runs
+kernels on a thread pool, so the spans overlap and add up to more than the wall time, and the
+dump itself costs time. Read the shares, not the seconds.
 
 Each kernel is named in the optimized HLO, whose ``op_name`` metadata says which pass of the
 model it came from: ``forward with gradient`` (under ``jvp``: the forward whose residuals the
@@ -32,7 +32,7 @@ if _ROOT not in sys.path:  # `python benchmarks/compile_breakdown.py` puts bench
   sys.path.insert(0, _ROOT)
 
 # `<start ns>-<kernel>-<pass number>-<pass label>.txt`; TLP and <late-...> are whole-program spans.
-_DUMP_FILE = re.compile(r"^(\d+)-(.+)-\d+-(fingerprints|(?:.*_)?final_bundles)\.txt$")
+_DUMP_FILE = re.compile(r"^(\d+)-(.+)-\d+-(?:[\w-]*_)?final_bundles\.txt$")
 _OP_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s[^\n]*?op_name=\"([^\"]*)\"", re.M)
 PHASES = ("backward", "rematerialised forward", "forward with gradient",
           "forward without gradient", "other")
@@ -40,9 +40,11 @@ PHASES = ("backward", "rematerialised forward", "forward with gradient",
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-  """One kernel's code generation: its HLO name, the model pass it belongs to, seconds."""
+  """One kernel's code generation: its HLO name, the model pass it belongs to, the JAX operation
+  it was named after (the last part of its op_name, e.g. ``dot_general``), seconds."""
   name: str
   phase: str
+  op: str
   seconds: float
 
 
@@ -65,40 +67,48 @@ def op_names(hlo_text: str) -> dict[str, str]:
 
 
 def kernels(dump_dir: str, hlo_text: str) -> list[Kernel]:
-  """The kernels of an LLO dump (``fingerprints`` and ``final_bundles`` files), longest first.
+  """The kernels of an LLO dump (``*final_bundles`` files), longest first.
 
-  A kernel whose two files are not both there (a dump cut short) is left out; so are the
-  whole-program spans (``TLP``, ``<late-...>``), which overlap every kernel.
+  A kernel's seconds: the last modification time of its ``final_bundles`` files minus the start
+  in their name. The whole-program spans (``TLP``, ``<late-...>``), which overlap every kernel,
+  are left out.
   """
-  first, last = {}, {}
+  start, end = {}, {}
   for entry in os.scandir(dump_dir):
     m = _DUMP_FILE.match(entry.name)
     if not m or m.group(2) == "TLP" or m.group(2).startswith("<"):
       continue
     key = (m.group(1), m.group(2))
-    (first if m.group(3) == "fingerprints" else last)[key] = entry.stat().st_mtime
+    start[key] = int(m.group(1)) / 1e9
+    end[key] = max(end.get(key, 0.0), entry.stat().st_mtime)
   names = op_names(hlo_text)
-  out = [Kernel(name, phase_of(names.get(name, "")), max(0.0, last[key] - first[key]))
-         for key in last.keys() & first.keys() for name in [key[1]]]
+  out = [Kernel(name, phase_of(op_name), op_name.rsplit("/", 1)[-1] or "?",
+                max(0.0, end[key] - start[key]))
+         for key in end for name in [key[1]] for op_name in [names.get(name, "")]]
   return sorted(out, key=lambda k: -k.seconds)
 
 
-def format_breakdown(found: list[Kernel], title: str, top: int = 10) -> str:
-  """A markdown table of the seconds and kernels per phase, then the ``top`` longest kernels."""
-  total = sum(k.seconds for k in found) or 1.0
+def _table(found: list[Kernel], field: str, total: float, rows) -> list[str]:
   secs, count = collections.Counter(), collections.Counter()
   for k in found:
-    secs[k.phase] += k.seconds
-    count[k.phase] += 1
+    secs[getattr(k, field)] += k.seconds
+    count[getattr(k, field)] += 1
+  keys = [r for r in rows if count[r]] if rows else [r for r, _ in secs.most_common(8)]
+  return [f"| {r} | {count[r]} | {secs[r]:.1f} | {100 * secs[r] / total:.1f} % |" for r in keys]
+
+
+def format_breakdown(found: list[Kernel], title: str, top: int = 10) -> str:
+  """Markdown: seconds and kernels per phase, per operation (the 8 costliest), then the ``top``
+  longest kernels."""
+  total = sum(k.seconds for k in found) or 1.0
   lines = [f"## {title}", "", f"{len(found)} kernels, {total:.1f} s of code generation "
            "(overlapping spans on the compile's thread pool).", "",
            "| phase | kernels | seconds | share |", "|---|---|---|---|"]
-  for phase in PHASES:
-    if count[phase]:
-      lines.append(f"| {phase} | {count[phase]} | {secs[phase]:.1f} | "
-                   f"{100 * secs[phase] / total:.1f} % |")
-  lines += ["", "| longest kernels | phase | seconds |", "|---|---|---|"]
-  lines += [f"| `{k.name}` | {k.phase} | {k.seconds:.2f} |" for k in found[:top]]
+  lines += _table(found, "phase", total, PHASES)
+  lines += ["", "| operation | kernels | seconds | share |", "|---|---|---|---|"]
+  lines += _table(found, "op", total, None)
+  lines += ["", "| longest kernels | phase | operation | seconds |", "|---|---|---|---|"]
+  lines += [f"| `{k.name}` | {k.phase} | {k.op} | {k.seconds:.2f} |" for k in found[:top]]
   return "\n".join(lines) + "\n"
 
 
@@ -123,7 +133,7 @@ def main(argv=None) -> None:
     os.environ["LIBTPU_INIT_ARGS"] = " ".join(filter(None, [
         os.environ.get("LIBTPU_INIT_ARGS", ""), f"--xla_jf_dump_to={dump_dir}",
         "--xla_jf_dump_llo_text=true",
-        "--xla_jf_dump_llo_pass_label_regex=fingerprints|final_bundles"]))
+        "--xla_jf_dump_llo_pass_label_regex=final_bundles"]))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import jax
     from unigrpo_jax.aot import plan

@@ -59,22 +59,22 @@ def _touch(path, mtime):
 
 
 def test_kernels_read_from_a_dump(tmp_path):
+  """A kernel's seconds: its final_bundles files' last modification minus the start (ns) that
+  libtpu writes in their names."""
   hlo = ('  %fusion.7 = bf16[8]{0} fusion(%p), kind=kOutput, calls=%f, metadata={op_name='
          '"jit(f)/transpose(jvp())/dot_general"}\n'
          '  ROOT %add.3 = f32[8]{0} add(%a, %b), metadata={op_name="jit(f)/checkpoint/add"}\n')
-  _touch(tmp_path / "100-fusion.7-00-fingerprints.txt", 1000.0)
-  _touch(tmp_path / "100-fusion.7-02-schedule-analysis_final_bundles.txt", 1003.5)
-  _touch(tmp_path / "200-add.3-00-fingerprints.txt", 1001.0)
-  _touch(tmp_path / "200-add.3-03-final_bundles.txt", 1001.5)
-  _touch(tmp_path / "300-copy.1-00-fingerprints.txt", 1002.0)    # cut short: no final file
-  _touch(tmp_path / "50-TLP-00-fingerprints.txt", 990.0)         # whole-program span
-  _touch(tmp_path / "50-TLP-09-final_bundles.txt", 1010.0)
-  _touch(tmp_path / "100-fusion.7-01-original.txt", 1001.0)      # another pass: ignored
+  _touch(tmp_path / "1000000000000-fusion.7-00-schedule-analysis_final_bundles.txt", 1003.0)
+  _touch(tmp_path / "1000000000000-fusion.7-01-final_bundles.txt", 1003.5)
+  _touch(tmp_path / "1001000000000-add.3-01-final_bundles.txt", 1001.5)
+  _touch(tmp_path / "990000000000-TLP-01-final_bundles.txt", 1010.0)   # whole-program span
+  _touch(tmp_path / "1000000000000-fusion.7-00-original.txt", 1009.0)  # another pass: ignored
   found = cb.kernels(str(tmp_path), hlo)
-  assert found == [cb.Kernel("fusion.7", "backward", 3.5),
-                   cb.Kernel("add.3", "forward without gradient", 0.5)]
+  assert found == [cb.Kernel("fusion.7", "backward", "dot_general", 3.5),
+                   cb.Kernel("add.3", "forward without gradient", "add", 0.5)]
   text = cb.format_breakdown(found, "test")
   assert "2 kernels, 4.0 s" in text
   assert "| backward | 1 | 3.5 | 87.5 % |" in text
   assert "| forward without gradient | 1 | 0.5 | 12.5 % |" in text
-  assert "| `fusion.7` | backward | 3.50 |" in text
+  assert "| dot_general | 1 | 3.5 | 87.5 % |" in text
+  assert "| `fusion.7` | backward | dot_general | 3.50 |" in text
