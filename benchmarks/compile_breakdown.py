@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import os
 import re
+import shutil
 import sys
 import tempfile
 
@@ -112,6 +113,43 @@ def format_breakdown(found: list[Kernel], title: str, top: int = 10) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _compile_and_break_down(config, topology: str, program: str, dump_dir: str) -> str:
+  """Compile ``program`` of the plan with the LLO dump into ``dump_dir``; the markdown report."""
+  # libtpu reads its flags once, when jax first loads it: set them before importing jax.
+  os.environ["LIBTPU_INIT_ARGS"] = " ".join(filter(None, [
+      os.environ.get("LIBTPU_INIT_ARGS", ""), f"--xla_jf_dump_to={dump_dir}",
+      "--xla_jf_dump_llo_text=true", "--xla_jf_dump_llo_pass_label_regex=final_bundles"]))
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  import jax
+  from unigrpo_jax.aot import plan
+
+  compiled_text = []
+  compile_fn = jax.stages.Lowered.compile
+
+  def compile_and_keep_hlo(self, *args, **kwargs):
+    compiled = compile_fn(self, *args, **kwargs)
+    compiled_text.append(compiled.as_text())
+    return compiled
+
+  jax.stages.Lowered.compile = compile_and_keep_hlo
+  try:
+    report = plan.plan(config, topology, [program],
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+  except (ValueError, RuntimeError) as e:
+    sys.exit(f"error: {e}")
+  finally:
+    jax.stages.Lowered.compile = compile_fn
+  if not compiled_text:
+    sys.exit(f"error: {program} did not compile for {topology} (see the planner's report)")
+  found = kernels(dump_dir, compiled_text[-1])
+  if not found:
+    sys.exit(f"error: no '<ns>-<kernel>-<n>-final_bundles.txt' files in {dump_dir}: this libtpu "
+             "names its LLO dump differently")
+  seconds = report["programs"][program]["compile_s"]
+  return format_breakdown(found, f"{program} on {topology} "
+                                 f"(compile {seconds:.0f} s wall with the dump on)")
+
+
 def main(argv=None) -> None:
   from absl import app, flags
   from ml_collections import config_flags
@@ -129,35 +167,11 @@ def main(argv=None) -> None:
     os.makedirs(dump_dir, exist_ok=True)
     if os.listdir(dump_dir):
       sys.exit(f"error: --keep_dump={dump_dir} is not empty; the breakdown reads every file")
-    # libtpu reads its flags once, when jax first loads it: set them before importing jax.
-    os.environ["LIBTPU_INIT_ARGS"] = " ".join(filter(None, [
-        os.environ.get("LIBTPU_INIT_ARGS", ""), f"--xla_jf_dump_to={dump_dir}",
-        "--xla_jf_dump_llo_text=true",
-        "--xla_jf_dump_llo_pass_label_regex=final_bundles"]))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import jax
-    from unigrpo_jax.aot import plan
-
-    compiled_text = []
-    compile_fn = jax.stages.Lowered.compile
-
-    def compile_and_keep_hlo(self, *args, **kwargs):
-      compiled = compile_fn(self, *args, **kwargs)
-      compiled_text.append(compiled.as_text())
-      return compiled
-
-    jax.stages.Lowered.compile = compile_and_keep_hlo
     try:
-      report = plan.plan(config.value, topology.value, [program.value],
-                         log=lambda m: print(m, file=sys.stderr, flush=True))
-    except (ValueError, RuntimeError) as e:
-      sys.exit(f"error: {e}")
+      text = _compile_and_break_down(config.value, topology.value, program.value, dump_dir)
     finally:
-      jax.stages.Lowered.compile = compile_fn
-    found = kernels(dump_dir, compiled_text[-1])
-    seconds = report["programs"][program.value]["compile_s"]
-    text = format_breakdown(found, f"{program.value} on {topology.value} "
-                                   f"(compile {seconds:.0f} s wall with the dump on)")
+      if not keep.value:  # the dump of BAGEL's train step: ~450 MB
+        shutil.rmtree(dump_dir, ignore_errors=True)
     print(text)
     if out.value:
       with open(out.value, "a") as f:

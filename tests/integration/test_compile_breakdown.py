@@ -78,3 +78,39 @@ def test_kernels_read_from_a_dump(tmp_path):
   assert "| forward without gradient | 1 | 0.5 | 12.5 % |" in text
   assert "| dot_general | 1 | 3.5 | 87.5 % |" in text
   assert "| `fusion.7` | backward | dot_general | 3.50 |" in text
+
+
+def test_breaks_down_a_real_tpu_compile(tmp_path):
+  """End to end on libtpu: the tiny model's train step for v5e-8, every phase of its gradient
+  found in the dump, the dump kept where asked."""
+  import subprocess
+  from unigrpo_jax.aot import topology
+  try:
+    topology.devices(topology.parse("v5e-8"))
+  except RuntimeError as e:
+    import pytest
+    pytest.skip(f"libtpu cannot load: {e}")
+  config = tmp_path / "tiny.py"
+  config.write_text(
+      "from unigrpo_jax import config_defaults\n\n\n"
+      "def get_config():\n"
+      "  c = config_defaults.base()\n"
+      "  c.model.preset = 'tiny'\n"
+      "  c.mesh.data, c.mesh.fsdp = 1, -1\n"
+      "  c.data.max_prompt_len = 24\n"
+      "  c.rollout.prompts_per_batch, c.rollout.group_size = 4, 2\n"
+      "  c.rollout.max_reasoning_len, c.rollout.num_steps = 8, 6\n"
+      "  return c\n")
+  dump, out = tmp_path / "dump", tmp_path / "breakdown.md"
+  root = pathlib.Path(__file__).resolve().parent.parent.parent
+  proc = subprocess.run(
+      [sys.executable, str(root / "benchmarks" / "compile_breakdown.py"), f"--config={config}",
+       "--topology=v5e-8", "--program=train_step", f"--keep_dump={dump}", f"--out={out}"],
+      capture_output=True, text=True, timeout=600, cwd=root,
+      env={**os.environ, "PYTHONPATH": str(root)})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = out.read_text()
+  assert text.startswith("## train_step on v5e-8")
+  for phase in ("backward", "forward with gradient", "dot_general"):
+    assert f"| {phase} |" in text, text
+  assert any(name.endswith("final_bundles.txt") for name in os.listdir(dump))
