@@ -83,13 +83,18 @@ def kernels(dump_dir: str, hlo_text: str) -> list[Kernel]:
     start[key] = int(m.group(1)) / 1e9
     end[key] = max(end.get(key, 0.0), entry.stat().st_mtime)
   names = op_names(hlo_text)
-  out = [Kernel(name, phase_of(op_name), op_name.rsplit("/", 1)[-1] or "?",
-                max(0.0, end[key] - start[key]))
-         for key in end for name in [key[1]] for op_name in [names.get(name, "")]]
+  out = []
+  for key, finished in end.items():
+    name = key[1]
+    op_name = names.get(name, "")  # "" for a kernel without metadata: phase "other", op "?"
+    out.append(Kernel(name, phase_of(op_name), op_name.rsplit("/", 1)[-1] or "?",
+                      max(0.0, finished - start[key])))
   return sorted(out, key=lambda k: -k.seconds)
 
 
-def _table(found: list[Kernel], field: str, total: float, rows) -> list[str]:
+def _table(found: list[Kernel], field: str, total: float, rows=None) -> list[str]:
+  """Markdown rows ``| value | kernels | seconds | share |`` of ``field``: the given ``rows`` in
+  their order (those with kernels), or else the 8 values with the most seconds."""
   secs, count = collections.Counter(), collections.Counter()
   for k in found:
     secs[getattr(k, field)] += k.seconds
@@ -107,7 +112,7 @@ def format_breakdown(found: list[Kernel], title: str, top: int = 10) -> str:
            "| phase | kernels | seconds | share |", "|---|---|---|---|"]
   lines += _table(found, "phase", total, PHASES)
   lines += ["", "| operation | kernels | seconds | share |", "|---|---|---|---|"]
-  lines += _table(found, "op", total, None)
+  lines += _table(found, "op", total)
   lines += ["", "| longest kernels | phase | operation | seconds |", "|---|---|---|---|"]
   lines += [f"| `{k.name}` | {k.phase} | {k.op} | {k.seconds:.2f} |" for k in found[:top]]
   return "\n".join(lines) + "\n"

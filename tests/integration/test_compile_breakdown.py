@@ -2,10 +2,12 @@
 read from an LLO dump (a dump written here in libtpu's file layout; nothing is timed)."""
 import os
 import pathlib
+import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent.parent))
 from benchmarks import compile_breakdown as cb  # noqa: E402
@@ -83,12 +85,10 @@ def test_kernels_read_from_a_dump(tmp_path):
 def test_breaks_down_a_real_tpu_compile(tmp_path):
   """End to end on libtpu: the tiny model's train step for v5e-8, every phase of its gradient
   found in the dump, the dump kept where asked."""
-  import subprocess
   from unigrpo_jax.aot import topology
   try:
     topology.devices(topology.parse("v5e-8"))
   except RuntimeError as e:
-    import pytest
     pytest.skip(f"libtpu cannot load: {e}")
   config = tmp_path / "tiny.py"
   config.write_text(
